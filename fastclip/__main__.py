@@ -1,0 +1,3 @@
+from fastclip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Backends: ``reference`` (the specification), ``torch`` (chunked, any device), ``triton`` and ``cuda``."""

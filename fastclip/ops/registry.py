@@ -1,0 +1,171 @@
+"""Backends declare what they support, as data; ``select`` picks one and explains every refusal.
+
+Each op (``"contrastive_loss"``, ``"siglip_loss"``, ``"flash_attention"``, ...) has one :class:`Support` row per
+backend that implements it. A row says which devices and dtypes the backend takes, the largest feature/head
+dimension, and a function that reports why the backend cannot run at all on this machine (extension not built,
+no GPU). ``select(op, backend, device=..., dtype=..., dim=...)`` walks the rows in priority order for ``"auto"``
+and raises :class:`BackendError` listing each backend and its reasons when nothing fits; an explicitly requested
+backend is never silently replaced.
+
+Adding an op or a backend is adding a row with :func:`register`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+BACKENDS = ("reference", "torch", "triton", "cuda")
+# "auto" tries these in order; reference is the last resort (it materializes N x N).
+AUTO_ORDER = ("cuda", "triton", "torch", "reference")
+
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+class BackendError(RuntimeError):
+    """A requested backend cannot run these inputs (or, for "auto", none can). The message says why."""
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+    return None
+
+
+def triton_unavailable() -> Optional[str]:
+    """Why Triton kernels cannot run at all here, or None."""
+    err = _triton_import_error()
+    if err:
+        return err
+    if not triton_interpret() and not torch.cuda.is_available():
+        return "no CUDA GPU (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU, slowly)"
+    return None
+
+
+def cuda_ext_unavailable() -> Optional[str]:
+    """Why the compiled extension cannot run, or None."""
+    from fastclip.ops import cuda as _cuda
+
+    return _cuda.unavailable_reason()
+
+
+# why a backend cannot run at all on this machine (None: it can)
+_BACKEND_UNAVAILABLE = {"triton": triton_unavailable, "cuda": cuda_ext_unavailable}
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one backend supports for one op."""
+
+    op: str
+    backend: str
+    impl: Callable  # the function that runs the op; its signature is the op's
+    devices: frozenset = frozenset({"cpu", "cuda"})
+    dtypes: frozenset = _FLOATS
+    max_dim: Optional[int] = None
+    min_dim: int = 1
+    dim_name: str = "feature dim"
+    unavailable: Callable[[], Optional[str]] = lambda: None
+    # extra per-input checks: f(device_type, dtype, dim) -> list of reasons
+    extra_checks: Sequence[Callable] = field(default_factory=tuple)
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, dim: int) -> List[str]:
+        reasons = []
+        why = self.unavailable()
+        if why:
+            reasons.append(why)
+        dev = torch.device(device).type
+        if dev not in self.devices:
+            reasons.append(f"{dev} tensors are not supported (devices: {', '.join(sorted(self.devices))})")
+        if dtype not in self.dtypes:
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
+            reasons.append(f"dtype {str(dtype).replace('torch.', '')} is not supported (dtypes: {names})")
+        if self.max_dim is not None and dim > self.max_dim:
+            reasons.append(f"{self.dim_name} {dim} > {self.max_dim}")
+        if dim < self.min_dim:
+            reasons.append(f"{self.dim_name} {dim} < {self.min_dim}")
+        for check in self.extra_checks:
+            reasons.extend(check(dev, dtype, dim))
+        return reasons
+
+
+_REGISTRY: Dict[str, Dict[str, Support]] = {}
+
+
+def register(support: Support) -> Support:
+    if support.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {support.backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(support.op, {})[support.backend] = support
+    return support
+
+
+def supports(op: str) -> Dict[str, Support]:
+    _load_all()
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[op]
+
+
+def ops() -> List[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def _load_all() -> None:
+    # Importing the op modules registers their rows. Kept lazy so ``import fastclip`` stays cheap.
+    import fastclip.functional  # noqa: F401
+
+
+def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Support:
+    """The backend that runs ``op`` on these inputs.
+
+    ``backend="auto"`` honours ``FASTCLIP_BACKEND`` and otherwise takes the first backend in ``AUTO_ORDER`` that
+    supports the inputs. An explicit backend that cannot run raises :class:`BackendError` with its reasons.
+    """
+    table = supports(op)
+    if backend is None:
+        backend = "auto"
+    if backend == "auto":
+        env = os.environ.get("FASTCLIP_BACKEND", "").strip()
+        if env and env != "auto":
+            backend = env
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
+        if backend not in table:
+            why = _BACKEND_UNAVAILABLE.get(backend, lambda: None)()
+            raise BackendError(f"{op}: backend {backend!r} has no implementation of this op in this version "
+                               f"(implemented by: {', '.join(table)})" + (f"; besides, {why}" if why else ""))
+        row = table[backend]
+        reasons = row.not_supported_reasons(device, dtype, dim)
+        if reasons:
+            raise BackendError(f"{op}: backend {backend!r} cannot run these inputs "
+                               f"(device={device}, dtype={dtype}, {row.dim_name}={dim}): " + "; ".join(reasons))
+        return row
+    refusals = []
+    for name in AUTO_ORDER:
+        row = table.get(name)
+        if row is None:
+            continue
+        reasons = row.not_supported_reasons(device, dtype, dim)
+        if not reasons:
+            # On the CPU the interpreter is a correctness tool, never a speed choice.
+            if name == "triton" and torch.device(device).type == "cpu":
+                refusals.append(f"  triton: skipped by auto on the CPU (the interpreter is for testing)")
+                continue
+            return row
+        refusals.append(f"  {name}: " + "; ".join(reasons))
+    raise BackendError(f"{op}: no backend can run these inputs (device={device}, dtype={dtype}, dim={dim}):\n"
+                       + "\n".join(refusals))

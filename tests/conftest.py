@@ -1,0 +1,31 @@
+"""Test set-up: Triton kernels run through the interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is imported, so it is decided here from the presence of an NVIDIA
+device node rather than from torch.cuda (which would import more than we want first).
+"""
+import glob
+import os
+
+if "TRITON_INTERPRET" not in os.environ and not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh but reproducible inputs per test: the seed depends on the test's id
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield

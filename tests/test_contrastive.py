@@ -1,0 +1,293 @@
+"""ContrastiveLoss / contrastive_loss against open_clip's ClipLoss and the fp64 reference, every backend."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastclip
+from fastclip.ops import reference
+from fastclip.ops.registry import BackendError, select
+
+from .helpers import assert_close, assert_close_to_ref
+
+open_clip_loss = pytest.importorskip("open_clip.loss")
+
+
+def make_inputs(n, d, dtype=torch.float64, *, scale=14.3, bias=None, normalize=True, device="cpu"):
+    img = torch.randn(n, d, dtype=torch.float64, device=device)
+    txt = torch.randn(n, d, dtype=torch.float64, device=device)
+    if normalize:
+        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    else:
+        img, txt = img * 0.3, txt * 0.3
+    leaves = [img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_(),
+              torch.tensor(scale, dtype=torch.float64, device=device).to(dtype).requires_grad_()]
+    if bias is not None:
+        leaves.append(torch.tensor(bias, dtype=torch.float64, device=device).to(dtype).requires_grad_())
+    return leaves
+
+
+def upcast(leaves, dtype=torch.float64):
+    return [t.detach().to(dtype).requires_grad_() for t in leaves]
+
+
+def loss_and_grads(fn, leaves):
+    out = fn(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves)
+
+
+GRAD_NAMES = ("d_image", "d_text", "d_logit_scale", "d_logit_bias")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Against open_clip (the contract): reference and torch backends in fp64 and fp32
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("n,d", [(1, 5), (3, 16), (77, 48), (257, 96), (1000, 32)])
+@pytest.mark.parametrize("scale,bias,normalize", [(1.0, None, True), (14.3, -2.5, True), (100.0, None, True),
+                                                  (30.0, 1.0, False)])
+def test_matches_open_clip_fp64(backend, n, d, scale, bias, normalize):
+    leaves = make_inputs(n, d, scale=scale, bias=bias, normalize=normalize)
+    ref_loss, ref_grads = loss_and_grads(open_clip_loss.ClipLoss(), upcast(leaves))
+    loss, grads = loss_and_grads(
+        lambda *x: fastclip.ContrastiveLoss(backend=backend, chunk_size=7 if n > 7 else None)(*x), leaves)
+    assert loss.dtype == torch.float64
+    assert_close("loss", loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(name, g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("n,d", [(3, 16), (77, 48), (197, 512)])
+@pytest.mark.parametrize("scale,bias", [(1.0, None), (100.0, -10.0)])
+def test_matches_open_clip_fp32(backend, n, d, scale, bias):
+    leaves = make_inputs(n, d, torch.float32, scale=scale, bias=bias)
+    hi_loss, hi_grads = loss_and_grads(open_clip_loss.ClipLoss(), upcast(leaves))
+    lo_loss, lo_grads = loss_and_grads(open_clip_loss.ClipLoss(), upcast(leaves, torch.float32))
+    loss, grads = loss_and_grads(fastclip.ContrastiveLoss(backend=backend), leaves)
+    assert loss.dtype == torch.float32
+    assert_close_to_ref("loss", loss, hi_loss, lo_loss, factor=2, atol=1e-5)
+    for name, g, h, lo in zip(GRAD_NAMES, grads, hi_grads, lo_grads):
+        assert g.dtype == torch.float32
+        assert_close_to_ref(name, g, h, lo, factor=3, atol=1e-6 * (1 + h.abs().max().item()))
+
+
+def test_output_dict_and_module_args():
+    leaves = make_inputs(9, 8)
+    out = fastclip.ContrastiveLoss(cache_labels=True)(*leaves, output_dict=True)
+    assert set(out) == {"contrastive_loss"} and out["contrastive_loss"].dim() == 0
+    ref = open_clip_loss.ClipLoss(cache_labels=True)(*upcast(leaves), output_dict=True)
+    assert_close("loss", out["contrastive_loss"].detach(), ref["contrastive_loss"].detach(), rtol=1e-12, atol=0)
+    with pytest.raises(NotImplementedError, match="world_size"):
+        fastclip.ContrastiveLoss(rank=1, world_size=2)(*leaves)
+    with pytest.raises(ValueError, match="rank"):
+        fastclip.ContrastiveLoss(rank=2, world_size=2)
+
+
+def test_python_number_scale():
+    img, txt, scale = make_inputs(11, 7)
+    a = fastclip.contrastive_loss(img, txt, 14.3)
+    b = reference.contrastive_loss_ref(img, txt, torch.tensor(14.3, dtype=torch.float64))
+    assert_close("loss", a.detach(), b.detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("ls", [0.1, 0.5, 1.0])
+def test_label_smoothing(backend, ls):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    leaves = make_inputs(45, 24, dtype, scale=20.0, bias=0.5)
+    ref_loss, ref_grads = loss_and_grads(
+        lambda *x: reference.contrastive_loss_ref(*x, label_smoothing=ls), upcast(leaves))
+    # sanity: our reference's smoothing is F.cross_entropy's
+    s = 20.0 * leaves[0].detach().double() @ leaves[1].detach().double().T + 0.5
+    lab = torch.arange(45)
+    direct = (F.cross_entropy(s, lab, label_smoothing=ls) + F.cross_entropy(s.T, lab, label_smoothing=ls)) / 2
+    assert_close("reference", ref_loss, direct, rtol=1e-12, atol=0)
+    loss, grads = loss_and_grads(
+        lambda *x: fastclip.contrastive_loss(*x, label_smoothing=ls, backend=backend), leaves)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert_close("loss", loss, ref_loss, rtol=tol, atol=tol)
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(name, g, r, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 13, 64, 1000])
+def test_torch_chunk_sizes(chunk):
+    leaves = make_inputs(64, 12, scale=50.0)
+    ref_loss, ref_grads = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves))
+    loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, backend="torch", chunk_size=chunk),
+                                 leaves)
+    assert_close("loss", loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(name, g, r, rtol=1e-10, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU): fp32 and fp16 against the fp64 reference, odd shapes, strides
+
+TRITON_SHAPES = [(1, 5), (3, 16), (17, 5), (77, 48), (100, 96), (33, 130)]
+
+
+@pytest.mark.parametrize("n,d", TRITON_SHAPES)
+@pytest.mark.parametrize("scale,bias,normalize", [(1.0, None, True), (100.0, -3.0, True), (10.0, 0.7, False)])
+def test_triton_fp32(n, d, scale, bias, normalize):
+    leaves = make_inputs(n, d, torch.float32, scale=scale, bias=bias, normalize=normalize)
+    hi_loss, hi_grads = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves))
+    lo_loss, lo_grads = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves, torch.float32))
+    loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, backend="triton"), leaves)
+    assert loss.dtype == torch.float32
+    assert_close_to_ref("loss", loss, hi_loss, lo_loss, factor=2, atol=2e-5 * (1 + abs(hi_loss.item())))
+    for name, g, h, lo in zip(GRAD_NAMES, grads, hi_grads, lo_grads):
+        assert g.dtype == torch.float32 and g.shape == h.shape
+        assert_close_to_ref(name, g, h, lo, factor=3, atol=1e-5 * (1 + h.abs().max().item()))
+
+
+@pytest.mark.parametrize("n,d", [(3, 16), (77, 48), (64, 80)])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_triton_fp16(n, d, scale):
+    leaves = make_inputs(n, d, torch.float16, scale=scale, bias=-1.0)
+    hi_loss, hi_grads = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves))
+    lo_loss, lo_grads = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves, torch.float16))
+    loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, backend="triton"), leaves)
+    assert loss.dtype == torch.float16
+    assert_close_to_ref("loss", loss, hi_loss, lo_loss, factor=2, atol=1e-3 * (1 + abs(hi_loss.item())))
+    for name, g, h, lo in zip(GRAD_NAMES[:3], grads, hi_grads, lo_grads):
+        assert g.dtype == torch.float16
+        assert_close_to_ref(name, g, h, lo, factor=3, atol=1e-3 * h.abs().max().item())
+
+
+def test_triton_strided_inputs():
+    # features as views into wider buffers, one transposed: strides (1, N) and (3D, 2)
+    n, d = 37, 24
+    base_i = torch.randn(d, n, dtype=torch.float32)
+    base_t = torch.randn(n, 3 * d, dtype=torch.float32)
+    img = (base_i * 0.2).T.requires_grad_()  # non-leaf views need retain; use leaves below
+    img = base_i.mul(0.2).detach().T.requires_grad_()
+    txt = base_t.mul(0.2).detach()[:, ::3].requires_grad_()
+    assert not img.is_contiguous() and not txt.is_contiguous()
+    scale = torch.tensor(9.0, requires_grad=True)
+    leaves = [img, txt, scale]
+    ref_loss, ref_grads = loss_and_grads(reference.contrastive_loss_ref, upcast([t.contiguous() for t in leaves]))
+    loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, backend="triton"), leaves)
+    assert_close("loss", loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(name, g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_lse_against_logsumexp():
+    # the forward's row and column log-sum-exp, checked directly (they drive the whole backward)
+    from fastclip.ops.triton.contrastive import contrastive_fwd
+
+    img, txt, scale = [t.detach() for t in make_inputs(70, 40, torch.float32, scale=60.0)]
+    _, row, col = contrastive_fwd(img, txt, scale, None, 0.0)
+    s = 60.0 * img.double() @ txt.double().T
+    assert_close("row_lse", row, torch.logsumexp(s, 1), rtol=1e-6, atol=1e-5)
+    assert_close("col_lse", col, torch.logsumexp(s, 0), rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input, NaN, and backend selection
+
+
+def test_bad_inputs_raise_clear_errors():
+    img, txt, scale = [t.detach() for t in make_inputs(8, 4, torch.float32)]
+    cases = [
+        ((img, txt[:5], scale), ValueError, "batch sizes.*\\(8, 4\\).*\\(5, 4\\)"),
+        ((img, txt[:, :3], scale), ValueError, "feature dims"),
+        ((img[0], txt[0], scale), ValueError, "image_features must be 2-D"),
+        ((img.long(), txt.long(), scale), TypeError, "image_features must be a floating"),
+        ((img, txt.double(), scale), TypeError, "different dtypes"),
+        ((img, txt.to("meta"), scale), ValueError, "different devices"),
+        ((img[:0], txt[:0], scale), ValueError, "empty"),
+        ((img, txt, torch.ones(2)), ValueError, "logit_scale must have exactly one element"),
+        ((img, txt, torch.ones(1, dtype=torch.long)), TypeError, "logit_scale must be a floating"),
+        ((img, txt, None), ValueError, "logit_scale is required"),
+        ((img, txt, "7"), TypeError, "logit_scale must be a tensor or a number"),
+    ]
+    for args, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            fastclip.contrastive_loss(*args)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fastclip.contrastive_loss(img, txt, scale, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fastclip.contrastive_loss(img, txt, scale, backend="torch", chunk_size=0)
+    with pytest.raises(ValueError, match="backend='bogus'"):
+        fastclip.contrastive_loss(img, txt, scale, backend="bogus")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_nan_in_nan_out(backend):
+    img, txt, scale = [t.detach() for t in make_inputs(20, 8, torch.float32)]
+    img[3, 2] = float("nan")
+    assert torch.isnan(fastclip.contrastive_loss(img, txt, scale, backend=backend))
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    img, txt, scale = [t.detach() for t in make_inputs(8, 4)]
+    with pytest.raises(BackendError, match="'cuda' has no implementation.*not built.*FASTCLIP_BUILD_CUDA=1"):
+        fastclip.contrastive_loss(img.float(), txt.float(), scale.float(), backend="cuda")
+    with pytest.raises(BackendError, match="triton.*dtype float64 is not supported"):
+        fastclip.contrastive_loss(img, txt, scale, backend="triton")
+    with pytest.raises(BackendError, match="bfloat16 does not run in the Triton interpreter"):
+        fastclip.contrastive_loss(img.bfloat16(), txt.bfloat16(), scale, backend="triton")
+    with pytest.raises(BackendError, match="feature dim 4096 > 2048"):
+        select("contrastive_loss", "triton", device=torch.device("cuda"), dtype=torch.float16, dim=4096)
+
+
+def test_auto_selection_and_env_override(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FASTCLIP_BACKEND", raising=False)
+    assert select("contrastive_loss", "auto", device=cpu, dtype=torch.float32, dim=512).backend == "torch"
+    assert select("contrastive_loss", "auto", device=cpu, dtype=torch.bfloat16, dim=512).backend == "torch"
+    monkeypatch.setenv("FASTCLIP_BACKEND", "reference")
+    assert select("contrastive_loss", "auto", device=cpu, dtype=torch.float32, dim=512).backend == "reference"
+    monkeypatch.setenv("FASTCLIP_BACKEND", "cuda")
+    with pytest.raises(BackendError, match="not built"):
+        select("contrastive_loss", "auto", device=cpu, dtype=torch.float32, dim=512)
+
+
+def test_bf16_on_cpu_through_auto():
+    leaves = make_inputs(33, 16, torch.bfloat16, scale=30.0)
+    loss, grads = loss_and_grads(fastclip.contrastive_loss, leaves)
+    ref_loss, _ = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves))
+    assert loss.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    assert_close("loss", loss, ref_loss, rtol=1e-2, atol=1e-2)
+
+
+def test_info_lists_every_backend():
+    from fastclip.info import report
+
+    text = report()
+    assert "contrastive_loss" in text
+    for name in ("reference", "torch", "triton", "cuda"):
+        assert f"  {name}" in text
+    assert "not built" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile and the custom-op contract
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    img, txt, scale = make_inputs(19, 16, torch.float32, scale=5.0)
+    bias = torch.tensor(0.25, requires_grad=True)
+    for b in (None, bias):
+        torch.library.opcheck(torch.ops.fastclip.contrastive_loss_fwd.default, (img, txt, scale, b, 0.1, backend, 0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph(backend):
+    leaves = make_inputs(21, 8, torch.float32, scale=12.0, bias=0.5)
+
+    def step(img, txt, scale, bias):
+        return fastclip.contrastive_loss(img, txt, scale, bias, backend=backend) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, grads = loss_and_grads(compiled, leaves)
+    ref_loss, ref_grads = loss_and_grads(step, leaves)
+    assert_close("loss", loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(name, g, r, rtol=1e-6, atol=1e-7)
