@@ -211,3 +211,7 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     loss, _, _ = torch.ops.fastclip.contrastive_loss_fwd(image_features, text_features, scale, bias, ls,
                                                          row.backend, int(chunk_size or 0))
     return loss.to(image_features.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ops defined in their own modules, re-exported here (one import line per op).

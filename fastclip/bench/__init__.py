@@ -1,0 +1,1 @@
+"""Benchmark harness behind ``fastclip bench``: shared utilities in ``common``, one module per op."""

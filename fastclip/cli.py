@@ -1,0 +1,36 @@
+"""The ``fastclip`` command.
+
+    fastclip info                      versions, devices, every backend and why it is (not) available
+    fastclip bench loss [options]      the contrastive-loss benchmark (``fastclip bench loss --help``)
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# benchmark name -> module with main(argv)
+BENCHES = {"loss": "fastclip.bench.loss"}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nbenchmarks: " + ", ".join(sorted(BENCHES)))
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "info":
+        from fastclip.info import main as info_main
+
+        return info_main()
+    if cmd == "bench":
+        if not rest or rest[0] not in BENCHES:
+            print(f"usage: fastclip bench {{{','.join(sorted(BENCHES))}}} [options]", file=sys.stderr)
+            return 2
+        return importlib.import_module(BENCHES[rest[0]]).main(rest[1:])
+    print(f"fastclip: unknown command {cmd!r}\n\n{__doc__.strip()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
