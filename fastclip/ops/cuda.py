@@ -5,21 +5,23 @@ The extension is optional: importing fastclip never fails without it, and the ``
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 BUILD_HINT = "build it with: FASTCLIP_BUILD_CUDA=1 pip install --no-build-isolation -e ."
+_IMPORT = {}  # cached outcome of importing the extension (not lru_cache: torch.compile traces this)
 
 
-@functools.lru_cache(maxsize=None)
 def _import_error() -> Optional[str]:
-    try:
-        import fastclip._C  # noqa: F401
-    except ImportError as e:
-        return f"the CUDA extension fastclip._C is not built ({e}); {BUILD_HINT}"
-    return None
+    if "err" not in _IMPORT:
+        try:
+            import fastclip._C  # noqa: F401
+
+            _IMPORT["err"] = None
+        except ImportError as e:
+            _IMPORT["err"] = f"the CUDA extension fastclip._C is not built ({e}); {BUILD_HINT}"
+    return _IMPORT["err"]
 
 
 def unavailable_reason() -> Optional[str]:

@@ -11,7 +11,6 @@ Adding an op or a backend is adding a row with :func:`register`.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -34,14 +33,19 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT = {}  # cached outcome of importing triton (a dict, not lru_cache: torch.compile traces this)
+
+
 def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
-    return None
+    if "err" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_IMPORT["err"] = None
+        except Exception as e:  # ImportError, or a broken install
+            _TRITON_IMPORT["err"] = f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+    return _TRITON_IMPORT["err"]
 
 
 def triton_unavailable() -> Optional[str]:
