@@ -40,16 +40,20 @@ def _logits(a_chunk, b, scale, bias):
     return s
 
 
+def _prepare(image, text, scale, bias, chunk_size):
+    """Features, scale and bias in the accumulation dtype, and the chunk size."""
+    dt = acc_dtype(image.dtype)
+    s_val = scale.to(dt).reshape(())
+    b_val = bias.to(dt).reshape(()) if bias is not None else None
+    n = image.shape[0]
+    return n, dt, image.to(dt), text.to(dt), s_val, b_val, default_chunk(n, chunk_size)
+
+
 def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                     label_smoothing: float, chunk_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, row_lse, col_lse); loss is 0-d in the accumulation dtype, the lse vectors (N,)."""
-    n = image.shape[0]
-    dt = acc_dtype(image.dtype)
-    a, b = image.to(dt), text.to(dt)
-    s_val = scale.to(dt).reshape(())
-    b_val = bias.to(dt).reshape(()) if bias is not None else None
-    chunk = default_chunk(n, chunk_size)
+    n, dt, a, b, s_val, b_val, chunk = _prepare(image, text, scale, bias, chunk_size)
     row_lse = torch.empty(n, dtype=dt, device=image.device)
     col_max = torch.full((n,), float("-inf"), dtype=dt, device=image.device)
     col_sum = torch.zeros(n, dtype=dt, device=image.device)
@@ -83,13 +87,8 @@ def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
                     label_smoothing: float, chunk_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d_image, d_text, d_scale) for the upstream gradient ``grad`` of the 0-d loss."""
-    n = image.shape[0]
-    dt = acc_dtype(image.dtype)
-    a, b = image.to(dt), text.to(dt)
-    s_val = scale.to(dt).reshape(())
-    b_val = bias.to(dt).reshape(()) if bias is not None else None
+    n, dt, a, b, s_val, b_val, chunk = _prepare(image, text, scale, bias, chunk_size)
     r, c = row_lse.to(dt), col_lse.to(dt)
-    chunk = default_chunk(n, chunk_size)
     # acc_a = sum_j (P + Q)_ij B_j ; acc_b = sum_i (P + Q)_ij A_i   (the softmax parts; corrections below)
     acc_a = torch.empty_like(a)
     acc_b = torch.zeros_like(b)
