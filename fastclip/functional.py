@@ -122,45 +122,46 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastclip::contrastive_loss_fwd", mutates_args=())
 def _contrastive_fwd_op(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor], label_smoothing: float,
                         backend: str, chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
-    loss, row_lse, col_lse = _impl(backend, 0)(image, text, scale, bias, label_smoothing,
+    loss, row_stats, col_stats = _impl(backend, 0)(image, text, scale, bias, label_smoothing,
                                                chunk_size if chunk_size > 0 else None)
-    return loss, row_lse, col_lse
+    return loss, row_stats, col_stats
 
 
 @_contrastive_fwd_op.register_fake
 def _(image, text, scale, bias, label_smoothing, backend, chunk_size):
     dt = _acc_dtype(image)
     n = image.shape[0]
-    return image.new_empty((), dtype=dt), image.new_empty((n,), dtype=dt), image.new_empty((n,), dtype=dt)
+    # row/col stats: (2, N) = (max, log of the sum of exps), in units the backend chooses (Triton: base 2)
+    return image.new_empty((), dtype=dt), image.new_empty((2, n), dtype=dt), image.new_empty((2, n), dtype=dt)
 
 
 @torch.library.custom_op("fastclip::contrastive_loss_bwd", mutates_args=())
 def _contrastive_bwd_op(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
-                        row_lse: Tensor, col_lse: Tensor, label_smoothing: float, backend: str,
+                        row_stats: Tensor, col_stats: Tensor, label_smoothing: float, backend: str,
                         chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
-    d_image, d_text, d_scale = _impl(backend, 1)(grad, image, text, scale, bias, row_lse, col_lse, label_smoothing,
+    d_image, d_text, d_scale = _impl(backend, 1)(grad, image, text, scale, bias, row_stats, col_stats, label_smoothing,
                                                  chunk_size if chunk_size > 0 else None)
     return d_image, d_text, d_scale
 
 
 @_contrastive_bwd_op.register_fake
-def _(grad, image, text, scale, bias, row_lse, col_lse, label_smoothing, backend, chunk_size):
+def _(grad, image, text, scale, bias, row_stats, col_stats, label_smoothing, backend, chunk_size):
     return (torch.empty_like(image, memory_format=torch.contiguous_format),
             torch.empty_like(text, memory_format=torch.contiguous_format), torch.empty_like(scale))
 
 
 def _contrastive_setup_context(ctx, inputs, output):
     image, text, scale, bias, label_smoothing, backend, chunk_size = inputs
-    _, row_lse, col_lse = output
-    ctx.save_for_backward(image, text, scale, bias, row_lse, col_lse)
+    _, row_stats, col_stats = output
+    ctx.save_for_backward(image, text, scale, bias, row_stats, col_stats)
     ctx.label_smoothing, ctx.backend, ctx.chunk_size = label_smoothing, backend, chunk_size
-    ctx.mark_non_differentiable(row_lse, col_lse)
+    ctx.mark_non_differentiable(row_stats, col_stats)
 
 
 def _contrastive_backward(ctx, grad_loss, _grad_row, _grad_col):
-    image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
+    image, text, scale, bias, row_stats, col_stats = ctx.saved_tensors
     d_image, d_text, d_scale = torch.ops.fastclip.contrastive_loss_bwd(
-        grad_loss, image, text, scale, bias, row_lse, col_lse, ctx.label_smoothing, ctx.backend, ctx.chunk_size)
+        grad_loss, image, text, scale, bias, row_stats, col_stats, ctx.label_smoothing, ctx.backend, ctx.chunk_size)
     # sum_ij dL/dS_ij = 0 exactly (each softmax row sums to one, as do the targets): the bias has no gradient.
     d_bias = torch.zeros_like(bias) if bias is not None else None
     return d_image, d_text, d_scale, d_bias, None, None, None

@@ -1,5 +1,5 @@
 """ContrastiveLoss / contrastive_loss against open_clip's ClipLoss and the fp64 reference, every backend."""
-import os
+import math
 
 import pytest
 import torch
@@ -181,10 +181,12 @@ def test_triton_lse_against_logsumexp():
     from fastclip.ops.triton.contrastive import contrastive_fwd
 
     img, txt, scale = [t.detach() for t in make_inputs(70, 40, torch.float32, scale=60.0)]
-    _, row, col = contrastive_fwd(img, txt, scale, None, 0.0)
-    s = 60.0 * img.double() @ txt.double().T
-    assert_close("row_lse", row, torch.logsumexp(s, 1), rtol=1e-6, atol=1e-5)
-    assert_close("col_lse", col, torch.logsumexp(s, 0), rtol=1e-6, atol=1e-5)
+    _, row, col = contrastive_fwd(img, txt, scale, None, 0.0)  # (2, N): max and log-sum, base 2
+    s2 = 60.0 * img.double() @ txt.double().T / math.log(2)
+    assert_close("row_max", row[0], s2.amax(1), rtol=1e-6, atol=1e-5)
+    assert_close("col_max", col[0], s2.amax(0), rtol=1e-6, atol=1e-5)
+    assert_close("row_lse", row.sum(0), torch.logsumexp(s2 * math.log(2), 1) / math.log(2), rtol=1e-6, atol=1e-5)
+    assert_close("col_lse", col.sum(0), torch.logsumexp(s2 * math.log(2), 0) / math.log(2), rtol=1e-6, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Works on row chunks of the logits, ``chunk`` x N at a time, so peak memory is O(
 matrix never exists. The maths is that of the Triton kernels (see ``fastclip/ops/triton/contrastive.py``):
 
     S = s * A @ B.T + b                                 (never stored whole)
-    r_i = logsumexp_j S_ij,  c_j = logsumexp_i S_ij      (row and column log-sum-exp)
+    r_i = logsumexp_j S_ij,  c_j = logsumexp_i S_ij      (row and column log-sum-exp, each kept as a max m
+                                                          and a log-sum ls; backward forms (S - m) - ls,
+                                                          exact to rounding where m + ls would round at |S|)
     loss = sum_i (r_i + c_i) / (2N) - (1 - eps) * mean_i S_ii - eps * mean_ij S_ij
     dL/dS_ij = g / (2N) * (P_ij + Q_ij - 2 (1 - eps) [i == j] - 2 eps / N),
         P_ij = exp(S_ij - r_i), Q_ij = exp(S_ij - c_j)
@@ -52,14 +54,16 @@ def _prepare(image, text, scale, bias, chunk_size):
 def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                     label_smoothing: float, chunk_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, row_lse, col_lse); loss is 0-d in the accumulation dtype, the lse vectors (N,)."""
+    """Returns (loss, row_stats, col_stats); loss is 0-d in the accumulation dtype, stats (2, N) = (max, log-sum)."""
     n, dt, a, b, s_val, b_val, chunk = _prepare(image, text, scale, bias, chunk_size)
-    row_lse = torch.empty(n, dtype=dt, device=image.device)
+    row_stats = torch.empty(2, n, dtype=dt, device=image.device)
     col_max = torch.full((n,), float("-inf"), dtype=dt, device=image.device)
     col_sum = torch.zeros(n, dtype=dt, device=image.device)
     for i0 in range(0, n, chunk):
         s = _logits(a[i0:i0 + chunk], b, s_val, b_val)  # (C, N)
-        row_lse[i0:i0 + chunk] = torch.logsumexp(s, dim=1)
+        m = s.amax(dim=1)
+        row_stats[0, i0:i0 + chunk] = m
+        row_stats[1, i0:i0 + chunk] = torch.exp(s - m[:, None]).sum(dim=1).log_()
         # -- merge this chunk's column statistics into the running (max, sum of exp)
         m_new = torch.maximum(col_max, s.amax(dim=0))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -67,14 +71,14 @@ def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
         col_max = m_new
         del s
     m_safe = torch.where(torch.isinf(col_max), torch.zeros_like(col_max), col_max)
-    col_lse = torch.log(col_sum) + m_safe
+    col_stats = torch.stack([m_safe, torch.log(col_sum)])
     diag = s_val * _rowdot(a, b, chunk)  # S_ii, (N,)
     mean_all = s_val * (a.mean(dim=0) @ b.mean(dim=0))
     if b_val is not None:
         diag = diag + b_val
         mean_all = mean_all + b_val
-    loss = (row_lse.sum() + col_lse.sum()) / (2 * n) - (1 - label_smoothing) * diag.mean() - label_smoothing * mean_all
-    return loss, row_lse, col_lse
+    loss = (row_stats.sum() + col_stats.sum()) / (2 * n) - (1 - label_smoothing) * diag.mean() - label_smoothing * mean_all
+    return loss, row_stats, col_stats
 
 
 def _rowdot(a, b, chunk):
@@ -83,19 +87,20 @@ def _rowdot(a, b, chunk):
 
 
 def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-                    bias: Optional[torch.Tensor], row_lse: torch.Tensor, col_lse: torch.Tensor,
+                    bias: Optional[torch.Tensor], row_stats: torch.Tensor, col_stats: torch.Tensor,
                     label_smoothing: float, chunk_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d_image, d_text, d_scale) for the upstream gradient ``grad`` of the 0-d loss."""
     n, dt, a, b, s_val, b_val, chunk = _prepare(image, text, scale, bias, chunk_size)
-    r, c = row_lse.to(dt), col_lse.to(dt)
+    m_r, ls_r = row_stats.to(dt)
+    m_c, ls_c = col_stats.to(dt)
     # acc_a = sum_j (P + Q)_ij B_j ; acc_b = sum_i (P + Q)_ij A_i   (the softmax parts; corrections below)
     acc_a = torch.empty_like(a)
     acc_b = torch.zeros_like(b)
     for i0 in range(0, n, chunk):
         s = _logits(a[i0:i0 + chunk], b, s_val, b_val)  # (C, N)
-        g = torch.exp(s - r[i0:i0 + chunk, None])
-        g += torch.exp(s.sub_(c[None, :]))
+        g = (s - m_r[i0:i0 + chunk, None]).sub_(ls_r[i0:i0 + chunk, None]).exp_()
+        g += s.sub_(m_c[None, :]).sub_(ls_c[None, :]).exp_()
         acc_a[i0:i0 + chunk] = g @ b
         acc_b.addmm_(g.T, a[i0:i0 + chunk])
         del s, g

@@ -4,6 +4,8 @@ Notation: A = image features, B = text features, both (N, D); s = logit_scale (a
 S = s * A @ B.T + b is (N, N) and is never written to memory, only formed tile by tile in registers.
 
     r_i = logsumexp_j S_ij      c_j = logsumexp_i S_ij
+    (each saved as a max and a log-sum, m + log(l): a single fp32 lse near |S| = 100 rounds to 8e-6, and the
+    recomputed softmax rows would no longer sum to one; (S - m) - log(l) keeps them exact to rounding)
     loss = sum_i (r_i + c_i) / (2N) - (1 - eps) mean_i S_ii - eps mean_ij S_ij          (eps: label smoothing)
     dL/dS_ij = g / (2N) (P_ij + Q_ij - 2 (1 - eps) [i == j] - 2 eps / N)
     P_ij = exp(S_ij - r_i)      Q_ij = exp(S_ij - c_j)
@@ -58,7 +60,7 @@ def _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stri
 @triton.jit
 def _contrastive_fwd_kernel(
     A, B, SCALE, BIAS,                     # features (N, D); 0-d scale and bias
-    ROW_LSE, DIAG,                         # (N,) fp32 out: r_i and S_ii, natural log units
+    ROW_STATS, DIAG,                       # (2, N) fp32 out: row max and log2-sum (base 2); (N,) fp32 out: S_ii
     COL_MAX, COL_SUM, LOCKS,               # (N,) fp32 running column max / sum of exp2 (base 2); (cdiv(N, BLOCK_N),) int32
     N, D,
     stride_am, stride_ak, stride_bn, stride_bk,
@@ -130,13 +132,14 @@ def _contrastive_fwd_kernel(
         tl.atomic_xchg(lock, 0)
 
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    tl.store(ROW_LSE + offs_m, (m_use + tl.log2(tl.where(mask_m, l_i, 1.0))) * LN2, mask=mask_m)
+    tl.store(ROW_STATS + offs_m, m_use, mask=mask_m)
+    tl.store(ROW_STATS + N + offs_m, tl.log2(tl.where(mask_m, l_i, 1.0)), mask=mask_m)
 
 
 @triton.jit
 def _contrastive_bwd_kernel(
     A, B, SCALE, BIAS, GRAD,               # features (N, D); 0-d scale, bias, upstream gradient
-    LSE_A, LSE_B,                          # (N,) fp32: lse over A's rows of S (r for A=I) and over B's (c for A=I)
+    STATS_A, STATS_B,                      # (2, N) fp32 (max, log2-sum), base 2: of A's rows of S and of B's
     SUM_B,                                 # (D,) fp32 sum_j B_j (read only with label smoothing)
     DA, DSCALE_PART,                       # (N, D) out in A's dtype; (cdiv(N, BLOCK_M),) fp32 out
     N, D, label_smoothing,
@@ -158,7 +161,8 @@ def _contrastive_bwd_kernel(
     else:
         bias2 = 0.0
     scale2 = scale * LOG2E
-    lse_a2 = tl.load(LSE_A + offs_m, mask=mask_m, other=0.0) * LOG2E
+    m_a = tl.load(STATS_A + offs_m, mask=mask_m, other=0.0)
+    ls_a = tl.load(STATS_A + N + offs_m, mask=mask_m, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
@@ -170,8 +174,9 @@ def _contrastive_bwd_kernel(
         s = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
                          BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         s = s * scale2 + bias2
-        lse_b2 = tl.load(LSE_B + offs_n, mask=mask_n, other=0.0) * LOG2E
-        p = tl.exp2(s - lse_a2[:, None]) + tl.exp2(s - lse_b2[None, :])
+        m_b = tl.load(STATS_B + offs_n, mask=mask_n, other=0.0)
+        ls_b = tl.load(STATS_B + N + offs_n, mask=mask_n, other=0.0)
+        p = tl.exp2((s - m_a[:, None]) - ls_a[:, None]) + tl.exp2((s - m_b[None, :]) - ls_b[None, :])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         # -- acc += (P + Q) @ B_j
         b = tl.load(B + cols[:, None] * stride_bn + offs_d[None, :] * stride_bk,
@@ -242,12 +247,15 @@ def _scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                     label_smoothing: float, chunk_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss fp32 0-d, row_lse (N,) fp32, col_lse (N,) fp32). ``chunk_size`` is unused (tiles are fixed)."""
+    """Returns (loss fp32 0-d, row_stats, col_stats): stats (2, N) fp32 = (max, log2 of sum of exp2), base 2.
+
+    ``chunk_size`` is unused (tiles are fixed).
+    """
     n, d = image.shape
     dev = image.device
     cfg = _fwd_config(n, d, image.dtype)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    row_lse = torch.empty(n, dtype=torch.float32, device=dev)
+    row_stats = torch.empty(2, n, dtype=torch.float32, device=dev)
     diag = torch.empty(n, dtype=torch.float32, device=dev)
     col_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
     col_sum = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -255,11 +263,12 @@ def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     scale_t = _scalar(scale, image)
     bias_t = _scalar(bias, image)
     _contrastive_fwd_kernel[(triton.cdiv(n, block_m),)](
-        image, text, scale_t, bias_t, row_lse, diag, col_max, col_sum, locks,
+        image, text, scale_t, bias_t, row_stats, diag, col_max, col_sum, locks,
         n, d, image.stride(0), image.stride(1), text.stride(0), text.stride(1),
         HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(image.dtype), **cfg)
     col_m = torch.where(torch.isinf(col_max), torch.zeros_like(col_max), col_max)
-    col_lse = (col_m + torch.log2(col_sum)) * LN2
+    col_stats = torch.stack([col_m, torch.log2(col_sum)])
+    row_lse, col_lse = row_stats.sum(0) * LN2, col_stats.sum(0) * LN2
     # O(N + D) epilogue: the mean of all logits only matters with label smoothing
     loss = (row_lse.sum() + col_lse.sum()) / (2 * n) - (1.0 - label_smoothing) * diag.mean()
     if label_smoothing:
@@ -267,10 +276,10 @@ def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
         if bias is not None:
             mean_all = mean_all + bias_t.float()
         loss = loss - label_smoothing * mean_all
-    return loss, row_lse, col_lse
+    return loss, row_stats, col_stats
 
 
-def _bwd_one_side(grad, a, b, scale_t, bias_t, has_bias, lse_a, lse_b, label_smoothing, compute_dscale):
+def _bwd_one_side(grad, a, b, scale_t, bias_t, has_bias, stats_a, stats_b, label_smoothing, compute_dscale):
     n, d = a.shape
     cfg = _bwd_config(n, d, a.dtype)
     grid = triton.cdiv(n, cfg["BLOCK_M"])
@@ -278,7 +287,7 @@ def _bwd_one_side(grad, a, b, scale_t, bias_t, has_bias, lse_a, lse_b, label_smo
     part = torch.empty(grid if compute_dscale else 1, dtype=torch.float32, device=a.device)
     sum_b = b.sum(0, dtype=torch.float32) if label_smoothing else part  # dummy when unused
     _contrastive_bwd_kernel[(grid,)](
-        a, b, scale_t, bias_t, grad, lse_a, lse_b, sum_b, da, part,
+        a, b, scale_t, bias_t, grad, stats_a, stats_b, sum_b, da, part,
         n, d, float(label_smoothing),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), da.stride(0), da.stride(1),
         HAS_BIAS=has_bias, HAS_SMOOTHING=bool(label_smoothing), COMPUTE_DSCALE=compute_dscale,
@@ -287,15 +296,15 @@ def _bwd_one_side(grad, a, b, scale_t, bias_t, has_bias, lse_a, lse_b, label_smo
 
 
 def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-                    bias: Optional[torch.Tensor], row_lse: torch.Tensor, col_lse: torch.Tensor,
+                    bias: Optional[torch.Tensor], row_stats: torch.Tensor, col_stats: torch.Tensor,
                     label_smoothing: float, chunk_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d_image, d_text, d_scale) in the dtypes and shapes of the inputs."""
     scale_t = _scalar(scale, image)
     bias_t = _scalar(bias, image)
     grad_t = grad.reshape(()).to(torch.float32)
-    d_image, d_scale = _bwd_one_side(grad_t, image, text, scale_t, bias_t, bias is not None, row_lse, col_lse,
+    d_image, d_scale = _bwd_one_side(grad_t, image, text, scale_t, bias_t, bias is not None, row_stats, col_stats,
                                      label_smoothing, compute_dscale=True)
-    d_text, _ = _bwd_one_side(grad_t, text, image, scale_t, bias_t, bias is not None, col_lse, row_lse,
+    d_text, _ = _bwd_one_side(grad_t, text, image, scale_t, bias_t, bias is not None, col_stats, row_stats,
                               label_smoothing, compute_dscale=False)
     return d_image, d_text, d_scale.reshape(scale.shape).to(scale.dtype)
