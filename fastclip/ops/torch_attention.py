@@ -37,10 +37,13 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
                    key_padding_mask: Optional[torch.Tensor], softmax_scale: float) -> torch.Tensor:
     """Attention of (B, S, H, D) inputs by SDPA; returns (B, S_q, H, D) (a transposed view of SDPA's output)."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) views
+    # SDPA's CPU flash kernel returns zeros, not NaN, for a query holding NaN: keep NaN in, NaN out
+    nan_rows = qt.isnan().any(-1, keepdim=True)  # (B, H, S_q, 1)
     if key_padding_mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=softmax_scale)
-        return out.transpose(1, 2)
+        return out.masked_fill(nan_rows, float("nan")).transpose(1, 2)
     attn_mask, empty = sdpa_mask(key_padding_mask, causal, q.shape[1])
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=softmax_scale)  # (B, H, S_q, D)
-    out = out.masked_fill(empty, 0.0)
+    # a query that sees no key ignores every score, its own NaN included (as the kernels do)
+    out = out.masked_fill(nan_rows, float("nan")).masked_fill(empty, 0.0)
     return out.transpose(1, 2)
