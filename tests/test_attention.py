@@ -474,3 +474,12 @@ def test_gpu_auto_picks_triton_and_mha_bf16():
     ref, ours = ref.cuda().bfloat16(), ours.cuda().bfloat16()
     x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16)
     assert_close("out", ours(x)[0].float(), ref(x, x, x, need_weights=False)[0].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bench_smoke(tmp_path):
+    from fastclip.bench.attention import main
+
+    csv = tmp_path / "attention.csv"
+    assert main(["--case", "text-pad", "--rep", "1", "--csv", str(csv)]) == 0
+    text = csv.read_text()
+    assert "fastclip-torch" in text and "reference" in text and "causal,pad" in text
