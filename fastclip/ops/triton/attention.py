@@ -26,9 +26,13 @@ Memory beyond inputs and outputs: lse (B, H, S_q) fp32 saved for the backward; t
 fp32 and, for 16-bit inputs, the (B, S_q, H, D) fp32 dQ accumulator. Accumulation is fp32 whatever the input
 dtype; exponentials are exp2 with log2(e) folded into the softmax scale.
 
-Block sizes are heuristics (``_fwd_config``, ``_bwd_config``) chosen to stay well inside an H100's registers and
-shared memory for head dims up to 128 (padded to a power of two and masked); they are the first thing to tune on a
-GPU (``fastclip bench attention``). Under the interpreter, small blocks exercise several blocks and every masked edge.
+Base offsets of a (batch, head) are int64; offsets within one are int32 (the launchers check they fit), which keeps
+the 2-D pointer tiles from costing twice the registers.
+
+Block sizes are heuristics (``_fwd_config``, ``_bwd_config``) for head dims up to 128 (padded to a power of two
+and masked), checked to compile for sm_90 without register spills (ptxas -v) but not yet timed on a GPU: they are
+the first thing to tune there (``fastclip bench attention``). Under the interpreter, small blocks exercise
+several blocks and every masked edge.
 """
 from __future__ import annotations
 
@@ -39,7 +43,11 @@ import triton
 import triton.language as tl
 
 from fastclip.ops.registry import triton_interpret
-from fastclip.ops.triton.contrastive import LOG2E, LN2, _input_precision, _pow2
+from fastclip.ops.triton.contrastive import LN2 as _LN2_FLOAT, LOG2E, _input_precision, _pow2
+
+# compiled kernels may only read globals that are constexpr (the interpreter does not enforce it)
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(_LN2_FLOAT)
 
 
 @triton.jit
@@ -47,7 +55,7 @@ def _valid_keys(MASK, off_b, offs_n, S_K, stride_mb, stride_mn, HAS_MASK: tl.con
     """(BLOCK_N,) bool: key in range and, with a key padding mask, not padding."""
     valid = offs_n < S_K
     if HAS_MASK:
-        pad = tl.load(MASK + off_b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=valid, other=1)
+        pad = tl.load(MASK + off_b * stride_mb + offs_n * stride_mn, mask=valid, other=1)
         valid = valid & (pad == 0)
     return valid
 
@@ -80,7 +88,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < S_Q
     mask_d = offs_d < D
-    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -92,9 +100,8 @@ def _attn_fwd_kernel(
         hi = tl.minimum(S_K, start_m + BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        rows_n = offs_n.to(tl.int64)
         valid_n = _valid_keys(MASK, off_b, offs_n, S_K, stride_mb, stride_mn, HAS_MASK)
-        k = tl.load(K + rows_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+        k = tl.load(K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                     mask=(offs_n < S_K)[None, :] & mask_d[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
         valid = valid_n[None, :]
@@ -110,7 +117,7 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
         # -- update acc
-        v = tl.load(V + rows_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                     mask=(offs_n < S_K)[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
@@ -118,9 +125,9 @@ def _attn_fwd_kernel(
 
     # -- epilogue: a query that saw no key has l_i = 0 and acc = 0: output 0, lse = -inf
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
+    tl.store(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
-    lse = (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * LN2  # m_i = -inf where l_i = 0: lse = -inf
+    lse = (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * LN2_C  # m_i = -inf where l_i = 0: lse = -inf
     tl.store(LSE + off_bh.to(tl.int64) * S_Q + offs_m, lse, mask=mask_m)
 
 
@@ -164,21 +171,19 @@ def _attn_bwd_kernel(
     # -- prologue: delta_i = <dO_i, O_i> for every query of this (batch, head)
     for start_m in range(0, S_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows_m = offs_m.to(tl.int64)
         mask_md = (offs_m < S_Q)[:, None] & mask_d[None, :]
-        o = tl.load(O + rows_m[:, None] * stride_os + offs_d[None, :] * stride_od, mask=mask_md, other=0.0)
-        do = tl.load(DO + rows_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
+        o = tl.load(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, mask=mask_md, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
         tl.store(DELTA + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=offs_m < S_Q)
     tl.debug_barrier()  # delta is written and read by different threads of this program
 
     for start_n in range(0, S_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        rows_n = offs_n.to(tl.int64)
         mask_n = offs_n < S_K
         valid_n = _valid_keys(MASK, off_b, offs_n, S_K, stride_mb, stride_mn, HAS_MASK)
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + rows_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
-        v = tl.load(V + rows_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
+        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         # causal: queries before this key block see none of it. Key block 0 is seen by every query, so the first
@@ -188,13 +193,12 @@ def _attn_bwd_kernel(
             lo = (start_n // BLOCK_M) * BLOCK_M
         for start_m in range(lo, S_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            rows_m = offs_m.to(tl.int64)
             mask_m = offs_m < S_Q
             mask_md = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(Q + rows_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
-            do = tl.load(DO + rows_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask_md,
+            q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
+            do = tl.load(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask_md,
                          other=0.0)
-            lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * LOG2E
+            lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * LOG2E_C
             delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
 
             # -- recompute P (the where comes after exp2: an empty row has lse = -inf and would give NaN)
@@ -210,23 +214,22 @@ def _attn_bwd_kernel(
             ds = (p * (dp - delta[:, None]) * sm_scale).to(q.dtype)
             dk = tl.dot(tl.trans(ds), q, dk, input_precision=INPUT_PRECISION)
             dq = tl.dot(ds, k, input_precision=INPUT_PRECISION)
-            dq_ptrs = DQ_ACC + rows_m[:, None] * stride_as + offs_d[None, :]
+            dq_ptrs = DQ_ACC + offs_m[:, None] * stride_as + offs_d[None, :]
             if start_n > 0:
                 dq += tl.load(dq_ptrs, mask=mask_md, other=0.0)
             tl.store(dq_ptrs, dq, mask=mask_md)
         # the next key block reads the dQ rows this one wrote, possibly from other threads
         tl.debug_barrier()
-        tl.store(DK + rows_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_nd)
-        tl.store(DV + rows_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_nd)
+        tl.store(DK + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_nd)
+        tl.store(DV + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_nd)
 
     if not DQ_IS_ACC:
         # -- epilogue: the fp32 accumulator to dQ's dtype
         for start_m in range(0, S_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            rows_m = offs_m.to(tl.int64)
             mask_md = (offs_m < S_Q)[:, None] & mask_d[None, :]
-            dq = tl.load(DQ_ACC + rows_m[:, None] * stride_as + offs_d[None, :], mask=mask_md, other=0.0)
-            tl.store(DQ + rows_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+            dq = tl.load(DQ_ACC + offs_m[:, None] * stride_as + offs_d[None, :], mask=mask_md, other=0.0)
+            tl.store(DQ + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                      mask=mask_md)
 
 
@@ -239,24 +242,39 @@ def _fwd_config(s_q: int, s_k: int, d: int, dtype: torch.dtype) -> dict:
     if triton_interpret():
         # small, unequal tiles: several blocks per sequence, masked edges, causal blocks straddling the diagonal
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    # (BLOCK_M, BLOCK_D) fp32 acc + q + one (BLOCK_M, BLOCK_N) tile in registers; K/V tiles in shared memory.
-    # 64 x 64 keeps short sequences (50, 77) from wasting most of a 128-row tile and leaves registers to spare
-    # for head dims up to 128; fp32 inputs double the shared memory per tile, so they get narrower key blocks.
-    block_m = 128 if (s_q >= 512 and block_d <= 64 and dtype != torch.float32) else 64
-    block_n = 64 if block_d <= 64 and dtype != torch.float32 else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_m == 128 else 4,
-                num_stages=2)
+    # Checked with ptxas for sm_90 (no spills; registers, not shared memory, are the limit). 64-row query tiles keep
+    # short sequences (50, 77) from wasting most of a 128-row tile; 128 rows only for long ones. fp32 (IEEE, FMA
+    # dots) needs smaller tiles or more warps to stay out of local memory.
+    if dtype == torch.float32:
+        cfg = (64, 32, 8, 1) if block_d <= 64 else (32, 32, 8, 2)
+    elif block_d <= 64:
+        cfg = (128, 64, 8, 3) if s_q >= 512 else (64, 64, 4, 2)
+    else:
+        cfg = (64, 32, 4, 2)
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg), BLOCK_D=block_d)
 
 
 def _bwd_config(s_q: int, s_k: int, d: int, dtype: torch.dtype) -> dict:
     block_d = _pow2(d)
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    # registers hold dK, dV (2 x BLOCK_N x BLOCK_D fp32), K, V, and the (BLOCK_M, BLOCK_N) P/dP/dS tiles:
-    # 64 x 64 at 4 warps for head dims <= 64; 8 warps and 32-row query tiles above that (72 to 128 pad to 128).
-    if block_d <= 64 and dtype != torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d, num_warps=8, num_stages=1)
+    # Registers hold dK, dV (2 x BLOCK_N x BLOCK_D fp32), K, V and the (BLOCK_M, BLOCK_N) P/dP/dS tiles, so the
+    # inner query tile stays small; checked with ptxas for sm_90 (no spills). Candidates to time on a GPU:
+    # (64, 64, 8 warps) for head_dim <= 64 (255 registers, one program per SM), (32, 32) for 128.
+    if dtype == torch.float32:
+        cfg = (16, 32, 4, 1) if block_d <= 64 else (16, 32, 8, 1)
+    else:
+        cfg = (32, 64, 4, 2) if block_d <= 64 else (32, 64, 8, 1)
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg), BLOCK_D=block_d)
+
+
+def _check_offsets(*tensors: torch.Tensor) -> None:
+    # within one (batch, head) the kernels index rows with int32 (fewer registers than int64 pointers): the largest
+    # offset, seq * stride_seq + head_dim * stride_dim, must fit
+    for t in tensors:
+        if t.shape[1] * abs(t.stride(1)) + t.shape[3] * abs(t.stride(3)) >= 2 ** 31:
+            raise ValueError(f"the triton attention kernels index within a head with int32: seq {t.shape[1]} x "
+                             f"stride {t.stride(1)} is too large (shape {tuple(t.shape)}, strides {t.stride()})")
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
@@ -268,6 +286,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    _check_offsets(q, k, v)
     cfg = _fwd_config(s_q, s_k, d, q.dtype)
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else lse  # dummy when unused
     mask_strides = (mask.stride(0), mask.stride(1)) if key_padding_mask is not None else (0, 0)
@@ -291,6 +310,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dv = torch.empty((b, s_k, h, d), dtype=v.dtype, device=v.device)
     if dq.numel() == 0:
         return dq, dk, dv
+    _check_offsets(q, k, v, out, dout)
     cfg = _bwd_config(s_q, s_k, d, q.dtype)
     dq_is_acc = q.dtype == torch.float32
     dq_acc = dq if dq_is_acc else torch.empty((b, s_q, h, d), dtype=torch.float32, device=q.device)
