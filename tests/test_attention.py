@@ -483,3 +483,13 @@ def test_bench_smoke(tmp_path):
     assert main(["--case", "text-pad", "--rep", "1", "--csv", str(csv)]) == 0
     text = csv.read_text()
     assert "fastclip-torch" in text and "reference" in text and "causal,pad" in text
+
+
+def test_triton_expanded_grad_output():
+    """out.sum().backward() hands the kernel a stride-0 dO."""
+    leaves = make_qkv(1, 20, 2, 16)
+    grads = torch.autograd.grad(fastclip.flash_attention(*leaves, causal=True, backend="triton").sum(), leaves)
+    hi = upcast(leaves)
+    ref = torch.autograd.grad(attention_ref(*hi, causal=True).sum(), hi)
+    for name, gr, r in zip(GRAD_NAMES, grads, ref):
+        assert_close(name, gr, r, rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from fastclip.bench.common import Row, append_csv, environment, format_table, is_oom, peak_memory_mb, quantiles, \
     time_fn
 from fastclip.bench.loss import DTYPES
+from fastclip.ops.torch_attention import sdpa_mask
 
 OP = "flash_attention"
 DEFAULT_CSV = os.path.join("benchmarks", "results", "attention.csv")
@@ -129,10 +130,7 @@ def make_inputs(b, s, h, d, dtype, device, causal, padded):
     if padded:  # text: each caption keeps its first L tokens, L uniform in [S/4, S]
         lengths = torch.randint(s // 4, s + 1, (b,), device=device)
         mask = torch.arange(s, device=device)[None, :] >= lengths[:, None]  # (B, S), True = padding
-        attend = ~mask[:, None, None, :]
-        if causal:
-            attend = attend & torch.ones(s, s, dtype=torch.bool, device=device).tril()
-        attn_mask = attend  # (B, 1, S, S) for SDPA, built once outside the timed region
+        attn_mask, _ = sdpa_mask(mask, causal, s)  # (B, 1, S, S) for SDPA, built once outside the timed region
     return q, k, v, mask, attn_mask
 
 

@@ -43,11 +43,11 @@ import triton
 import triton.language as tl
 
 from fastclip.ops.registry import triton_interpret
-from fastclip.ops.triton.contrastive import LN2 as _LN2_FLOAT, LOG2E, _input_precision, _pow2
+from fastclip.ops.triton.contrastive import LN2, LOG2E, _input_precision, _pow2
 
 # compiled kernels may only read globals that are constexpr (the interpreter does not enforce it)
 LOG2E_C = tl.constexpr(LOG2E)
-LN2_C = tl.constexpr(_LN2_FLOAT)
+LN2_C = tl.constexpr(LN2)
 
 
 @triton.jit
