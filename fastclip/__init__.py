@@ -7,8 +7,10 @@
 ``python -m fastclip.info`` lists every backend and why it is or is not available here.
 """
 from fastclip.functional import contrastive_loss
+from fastclip.attention import flash_attention
 from fastclip.losses import ContrastiveLoss
+from fastclip import nn  # noqa: F401  (fastclip.nn.MultiheadAttention)
 from fastclip.ops.registry import BackendError
 
 __version__ = "0.1.0"
-__all__ = ["ContrastiveLoss", "contrastive_loss", "BackendError", "__version__"]
+__all__ = ["ContrastiveLoss", "contrastive_loss", "flash_attention", "BackendError", "__version__"]
