@@ -36,8 +36,9 @@ import triton.language as tl
 
 from fastclip.ops.registry import triton_interpret
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# constexpr: compiled kernels may read only constexpr globals (the interpreter does not enforce this)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -268,7 +269,7 @@ def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
         HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(image.dtype), **cfg)
     col_m = torch.where(torch.isinf(col_max), torch.zeros_like(col_max), col_max)
     col_stats = torch.stack([col_m, torch.log2(col_sum)])
-    row_lse, col_lse = row_stats.sum(0) * LN2, col_stats.sum(0) * LN2
+    row_lse, col_lse = row_stats.sum(0) * LN2.value, col_stats.sum(0) * LN2.value
     # O(N + D) epilogue: the mean of all logits only matters with label smoothing
     loss = (row_lse.sum() + col_lse.sum()) / (2 * n) - (1.0 - label_smoothing) * diag.mean()
     if label_smoothing:
