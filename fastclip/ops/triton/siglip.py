@@ -84,7 +84,8 @@ def _siglip_kernel(
         if COMPUTE_LOSS:
             # softplus(-z S) = max(-z S, 0) + log1p(e); log1p as log(u) * e / (u - 1), exact where 1 + e rounds to 1
             u = 1.0 + e
-            log1p_e = tl.where(u == 1.0, e, tl.log2(u) * LN2 * e / (u - 1.0))
+            exact = u == 1.0
+            log1p_e = tl.where(exact, e, tl.log2(u) * LN2 * e / tl.where(exact, 1.0, u - 1.0))
             zs = tl.where(pos, -s, s)
             loss_i += tl.sum(tl.where(valid, tl.maximum(zs, 0.0) + log1p_e, 0.0), axis=1)
         if COMPUTE_GRAD:
