@@ -2,6 +2,7 @@
 
     fastclip info                      versions, devices, every backend and why it is (not) available
     fastclip bench loss [options]      the contrastive-loss benchmark (``fastclip bench loss --help``)
+    fastclip bench siglip [options]    the SigLIP sigmoid-loss benchmark
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import importlib
 import sys
 
 # benchmark name -> module with main(argv)
-BENCHES = {"loss": "fastclip.bench.loss"}
+BENCHES = {"loss": "fastclip.bench.loss", "siglip": "fastclip.bench.siglip"}
 
 
 def main(argv=None) -> int:
