@@ -295,3 +295,34 @@ def test_compile_fullgraph(backend):
     assert_close("loss", loss, ref_loss, rtol=1e-6, atol=1e-6)
     for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
         assert_close(name, g, r, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU only: bf16 (not in the interpreter), large N, and the memory claim
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,d", [(1000, 512), (4097, 768), (2049, 1152)])
+def test_triton_gpu(dtype, n, d):
+    leaves = [t.cuda().detach().requires_grad_() for t in siglip_inputs(n, d, dtype, scale=10.0, bias=-10.0)]
+    hi_loss, hi_grads = loss_and_grads(reference.siglip_loss_ref, upcast(leaves))
+    lo_loss, lo_grads = loss_and_grads(reference.siglip_loss_ref, upcast(leaves, dtype))
+    loss, grads = loss_and_grads(lambda *x: fastclip.siglip_loss(*x, backend="triton"), leaves)
+    assert_close_to_ref("loss", loss, hi_loss, lo_loss, factor=2, atol=1e-3 * (1 + abs(hi_loss.item())))
+    for name, g, h, lo in zip(GRAD_NAMES, grads, hi_grads, lo_grads):
+        assert_close_to_ref(name, g, h, lo, factor=3, atol=1e-3 * h.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_triton_gpu_memory_is_linear():
+    # beyond the inputs and their gradients: the unit dI held from forward to backward (N x D) plus O(N) partials
+    n, d = 65536, 512
+    leaves = [t.cuda().detach().requires_grad_() for t in siglip_inputs(n, d, torch.bfloat16)]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fastclip.siglip_loss(*leaves, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - 2 * n * d * 2  # minus the two feature gradients
+    assert extra <= n * d * 2 + (16 << 20), f"{extra / 2**20:.1f} MB beyond inputs and gradients"
