@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastclip.ops.registry import select, supports
 from fastclip.ops.torch_chunked import _logits, _rowdot, acc_dtype
+from fastclip.siglip import _needs_grad
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
@@ -303,18 +305,14 @@ def siglip_ring(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tenso
     that global loss: nothing is multiplied by world_size.
     """
     fwd, bwd_text, chunk = _siglip_block_impls(image, backend, chunk_size)
-    compute_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (image, text, scale, bias))
+    compute_grad = _needs_grad(image, text, scale, bias)
     return _SigLIPRing.apply(image, text, scale, bias, group, fwd, bwd_text, chunk, compute_grad)
 
 
 def _siglip_block_impls(image: Tensor, backend: str, chunk_size: Optional[int]):
-    from fastclip.ops.registry import select
-
     row = select("siglip_loss", backend, device=image.device, dtype=image.dtype, dim=image.shape[1])
     if row.backend == "reference":
         # the naive maths as one chunk: the torch path with chunk = N materializes the N_local^2 block, no more
-        from fastclip.ops.registry import supports
-
         fwd, bwd_text = supports("siglip_loss")["torch"].impl
         return fwd, bwd_text, image.shape[0]
     fwd, bwd_text = row.impl
@@ -447,8 +445,6 @@ def contrastive_ring(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[
     gradient of L; logit_scale is not multiplied by world_size. Per-rank values and gradients equal open_clip's
     non-local ClipLoss with the same gather_with_grad. Label smoothing is not supported here.
     """
-    from fastclip.ops.registry import select, supports
-
     row = select("contrastive_loss", backend, device=image.device, dtype=image.dtype, dim=image.shape[1])
     name = "torch" if row.backend == "reference" else row.backend
     chunk = image.shape[0] if row.backend == "reference" else chunk_size
