@@ -102,6 +102,27 @@ def test_extreme_logits_are_exact():
         assert_close(name, g, r, rtol=1e-12, atol=1e-14)
 
 
+def test_torch_memory_is_linear():
+    # open_clip's loss holds N x N logits (and its chunked variants every block) for the backward; the torch path
+    # holds a few chunk x N tiles during the forward and none after it
+    from fastclip.bench.common import cpu_peak_supported, peak_memory_mb
+
+    if not cpu_peak_supported():
+        pytest.skip("no /proc/self/clear_refs here")
+    n, d, chunk = 4096, 32, 128
+    leaves = siglip_inputs(n, d, torch.float32)
+
+    def step():
+        fastclip.siglip_loss(*leaves, backend="torch", chunk_size=chunk).backward()
+
+    step()  # warm-up: allocator and thread pools
+    mb = peak_memory_mb(step, torch.device("cpu"))
+    full_logits_mb = n * n * 4 / 2**20  # 64 MB
+    linear_mb = (6 * n * d * 4 + 6 * chunk * n * 4) / 2**20  # inputs' gradients, unit gradients, a few tiles
+    assert mb < full_logits_mb / 2, f"{mb:.1f} MB extra; the N x N logits alone are {full_logits_mb:.0f} MB"
+    assert mb < linear_mb + 16, f"{mb:.1f} MB extra, expected about {linear_mb:.1f} MB"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernels (interpreter on CPU): fp32 and fp16 against the fp64 reference, odd shapes, strides
 
