@@ -2,6 +2,7 @@
 
     fastclip info                      versions, devices, every backend and why it is (not) available
     fastclip bench loss [options]      the contrastive-loss benchmark (``fastclip bench loss --help``)
+    fastclip bench siglip [options]    the SigLIP sigmoid-loss benchmark
     fastclip bench attention [options] the attention benchmark (``fastclip bench attention --help``)
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib
 import sys
 
 # benchmark name -> module with main(argv)
-BENCHES = {"loss": "fastclip.bench.loss", "attention": "fastclip.bench.attention"}
+BENCHES = {"loss": "fastclip.bench.loss", "siglip": "fastclip.bench.siglip", "attention": "fastclip.bench.attention"}
 
 
 def main(argv=None) -> int:

@@ -58,3 +58,19 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     p = torch.where(empty, torch.zeros((), dtype=scores.dtype, device=q.device), scores.softmax(-1))
     out = torch.einsum("bhst,bthd->bshd", p, v)  # (B, S_q, H, D)
     return out.to(dtype)
+
+
+def siglip_loss_ref(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                    logit_bias: Optional[torch.Tensor] = None, negative_only: bool = False) -> torch.Tensor:
+    """SigLIP's sigmoid loss, as open_clip's ``SigLipLoss._loss`` computes it on one process.
+
+    S = logit_scale * I @ T.T (+ logit_bias), shape (N, M); z_ij = +1 on the diagonal (i == j), -1 elsewhere (-1
+    everywhere with ``negative_only``, for blocks of another rank's texts); loss = -sum_ij log sigmoid(z_ij S_ij) / N.
+    """
+    logits = logit_scale * image_features @ text_features.T  # (N, M)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    labels = -torch.ones_like(logits)
+    if not negative_only:
+        labels = labels + 2 * torch.eye(*logits.shape, dtype=logits.dtype, device=logits.device)
+    return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
