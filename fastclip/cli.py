@@ -2,6 +2,7 @@
 
     fastclip info                      versions, devices, every backend and why it is (not) available
     fastclip bench loss [options]      the contrastive-loss benchmark (``fastclip bench loss --help``)
+    fastclip bench towers [options]    training steps of the CLIP towers against open_clip
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import importlib
 import sys
 
 # benchmark name -> module with main(argv)
-BENCHES = {"loss": "fastclip.bench.loss"}
+BENCHES = {"loss": "fastclip.bench.loss", "towers": "fastclip.bench.towers"}
 
 
 def main(argv=None) -> int:
