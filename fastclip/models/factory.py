@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -42,10 +43,11 @@ def read_checkpoint(path: Union[str, os.PathLike], *, weights_only: bool = True)
                                 f"fastclip downloads nothing)")
     errors = []
     ckpt = None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # noqa: BLE001 - not a pickle/zip checkpoint: maybe a TorchScript archive
-        errors.append(f"torch.load: {type(e).__name__}: {e}")
+    if not _is_torchscript(path):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+        except Exception as e:  # noqa: BLE001 - not a pickle/zip checkpoint: maybe an older TorchScript archive
+            errors.append(f"torch.load: {type(e).__name__}: {e}")
     if ckpt is None:
         try:
             ckpt = torch.jit.load(path, map_location="cpu")
@@ -60,6 +62,14 @@ def read_checkpoint(path: Union[str, os.PathLike], *, weights_only: bool = True)
         return dict(ckpt), "state_dict"
     raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__} that is neither a state dict, a "
                           f"{{'state_dict': ...}} training checkpoint nor a TorchScript archive")
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive is a zip holding ``<name>/constants.pkl`` (a torch.save zip has no such entry)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
 
 
 def clean_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
