@@ -546,3 +546,18 @@ def test_exports():
     for name in ("create_model", "create_model_from_state_dict", "list_models", "tokenize", "image_transform"):
         assert callable(getattr(fastclip, name))
     assert fastclip.list_models() == list_models()
+
+
+def test_towers_benchmark_cpu_smoke(tmp_path, capsys):
+    from fastclip.bench import towers
+    from fastclip.cli import BENCHES
+
+    assert BENCHES["towers"] == "fastclip.bench.towers"
+    csv = tmp_path / "towers.csv"
+    assert towers.main(["--device", "cpu", "--tower", "tiny-vit", "tiny-text", "--rep", "1", "--csv", str(csv)]) == 0
+    from fastclip.bench.common import read_csv
+
+    rows = read_csv(str(csv))
+    assert {(r["provider"], r["shape"]) for r in rows} == {(p, f"{t},B=2") for p in ("fastclip", "open_clip")
+                                                          for t in ("tiny-vit", "tiny-text")}
+    assert all(float(r["ms_p50"]) > 0 for r in rows)
