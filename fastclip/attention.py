@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastclip.functional import _FLOAT_DTYPES, _fmt, _Lazy
+from fastclip.ops.torch_attention import attention_sdpa
 from fastclip.ops import reference
 from fastclip.ops.registry import Support, register, select, supports, triton_unavailable
 
@@ -81,7 +82,8 @@ def _no_bf16_in_interpreter(dev: str, dtype: torch.dtype, dim: int):
 
 
 register(Support(OP, "reference", impl=reference.attention_ref, dim_name="head_dim"))
-register(Support(OP, "torch", impl=_Lazy("fastclip.ops.torch_attention", "attention_sdpa"), dim_name="head_dim"))
+# pure torch: imported eagerly (torch.compile would see a lazy import as a graph break; only triton is deferred)
+register(Support(OP, "torch", impl=attention_sdpa, dim_name="head_dim"))
 register(Support(OP, "triton",
                  impl=(_Lazy("fastclip.ops.triton.attention", "attention_fwd"),
                        _Lazy("fastclip.ops.triton.attention", "attention_bwd")),

@@ -4,6 +4,7 @@
     fastclip bench loss [options]      the contrastive-loss benchmark (``fastclip bench loss --help``)
     fastclip bench siglip [options]    the SigLIP sigmoid-loss benchmark
     fastclip bench attention [options] the attention benchmark (``fastclip bench attention --help``)
+    fastclip bench towers [options]    training steps of the CLIP towers against open_clip
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import importlib
 import sys
 
 # benchmark name -> module with main(argv)
-BENCHES = {"loss": "fastclip.bench.loss", "siglip": "fastclip.bench.siglip", "attention": "fastclip.bench.attention"}
+BENCHES = {"loss": "fastclip.bench.loss", "siglip": "fastclip.bench.siglip", "attention": "fastclip.bench.attention",
+           "towers": "fastclip.bench.towers"}
 
 
 def main(argv=None) -> int:

@@ -167,7 +167,7 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Suppor
         if not reasons:
             # On the CPU the interpreter is a correctness tool, never a speed choice.
             if name == "triton" and torch.device(device).type == "cpu":
-                refusals.append(f"  triton: skipped by auto on the CPU (the interpreter is for testing)")
+                refusals.append("  triton: skipped by auto on the CPU (the interpreter is for testing)")
                 continue
             return row
         refusals.append(f"  {name}: " + "; ".join(reasons))

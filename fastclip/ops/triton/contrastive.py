@@ -27,7 +27,6 @@ Accumulation is fp32 whatever the input dtype; exponentials are exp2 with log2(e
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
