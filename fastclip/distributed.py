@@ -56,6 +56,20 @@ def _comm_device(group, like: Optional[Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
+def prepare(rank: int, world_size: int, group, image: Tensor, text: Tensor, logit_scale, logit_bias):
+    """A distributed loss's prologue: the group, every rank's shapes checked to agree, the scalars as tensors.
+
+    Returns (group, rank, world, scale, bias).
+    """
+    from fastclip import functional as F
+
+    group, rank_in_group, world = resolve(rank, world_size, group)
+    check_same_shapes(image, text, rank=rank, group=group, local_check=F.check_feature_pair)
+    scale = F.as_scalar(logit_scale, "logit_scale", image, required=True)
+    bias = F.as_scalar(logit_bias, "logit_bias", image, required=False)
+    return group, rank_in_group, world, scale, bias
+
+
 def check_same_shapes(image_features, text_features, *, rank: int, group=None, local_check=None) -> None:
     """Raise the same ValueError on every rank unless all ranks hold features of one shape and dtype.
 

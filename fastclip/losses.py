@@ -72,11 +72,8 @@ class ContrastiveLoss(nn.Module):
     def _distributed(self, image_features, text_features, logit_scale, logit_bias):
         from fastclip import distributed as D
 
-        group, rank, world = D.resolve(self.rank, self.world_size, self.group)
-        D.check_same_shapes(image_features, text_features, rank=self.rank, group=group,
-                            local_check=F.check_feature_pair)
-        scale = F.as_scalar(logit_scale, "logit_scale", image_features, required=True)
-        bias = F.as_scalar(logit_bias, "logit_bias", image_features, required=False)
+        group, rank, world, scale, bias = D.prepare(self.rank, self.world_size, self.group, image_features,
+                                                    text_features, logit_scale, logit_bias)
         if self.dist_impl == "ring":
             return D.contrastive_ring(image_features, text_features, scale, bias, backend=self.backend,
                                       chunk_size=self.chunk_size, group=group, gather_with_grad=self.gather_with_grad)
@@ -158,11 +155,8 @@ class SigLIPLoss(nn.Module):
         from fastclip import distributed as D
         from fastclip.siglip import siglip_block
 
-        group, rank, world = D.resolve(self.rank, self.world_size, self.group)
-        D.check_same_shapes(image_features, text_features, rank=self.rank, group=group,
-                            local_check=F.check_feature_pair)
-        scale = F.as_scalar(logit_scale, "logit_scale", image_features, required=True)
-        bias = F.as_scalar(logit_bias, "logit_bias", image_features, required=False)
+        group, rank, world, scale, bias = D.prepare(self.rank, self.world_size, self.group, image_features,
+                                                    text_features, logit_scale, logit_bias)
         if self.dist_impl == "ring":
             return D.siglip_ring(image_features, text_features, scale, bias, backend=self.backend,
                                  chunk_size=self.chunk_size, group=group)
