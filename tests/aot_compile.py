@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastclip.ops.triton import contrastive as C  # noqa: E402
+from fastclip.ops.triton import siglip as SG  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -30,9 +31,9 @@ def signature(kernel, dtype, constexprs):
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("N", "D") or name.startswith("stride"):
+        elif name in ("N", "D", "M_A", "N_B") or name.startswith("stride"):
             sig[name] = "i32"
-        elif name == "label_smoothing":
+        elif name in ("label_smoothing", "inv_n"):
             sig[name] = "fp32"
         elif name == "LOCKS":
             sig[name] = "*i32"
@@ -71,6 +72,10 @@ def main():
                 cases.append(("bwd", C._contrastive_bwd_kernel, d,
                               dict(C._bwd_config(n, d, dtype), HAS_BIAS=True, HAS_SMOOTHING=True,
                                    COMPUTE_DSCALE=True, INPUT_PRECISION="tf32")))
+            for grad in (False, True):
+                cases.append((f"siglip{'_grad' if grad else ''}", SG._siglip_kernel, 512,
+                              dict(SG._config(n, 512, dtype, grad), HAS_BIAS=True, POSITIVES=True, COMPUTE_LOSS=True,
+                                   COMPUTE_GRAD=grad, INPUT_PRECISION="tf32")))
             for name, kernel, d, cfg in cases:
                 out = dict(kernel=name, arch=arch, dtype=TYPES[dtype], d=d,
                            config={k: v for k, v in cfg.items() if k.startswith(("BLOCK", "num"))})

@@ -219,8 +219,15 @@ def _fwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
     if triton_interpret():
         # small tiles: exercise several blocks and the masked edges at test sizes
         return dict(BLOCK_M=16, BLOCK_N=16 if n <= 64 else 32, BLOCK_K=16, num_warps=4, num_stages=1)
-    # 64 x 128 at 8 warps: 221 registers, no spills on sm_90 (128 x 128 spills: the row and column reductions
-    # keep several tiles live). Untimed.
+    return logits_tiles(d, dtype)
+
+
+def logits_tiles(d: int, dtype: torch.dtype) -> dict:
+    """GPU tiles for a kernel that reduces (BLOCK_M, BLOCK_N) logit tiles over D (also SigLIP's loss-only pass).
+
+    64 x 128 at 8 warps: 221 registers, no spills on sm_90 (128 x 128 spills: the row and column reductions keep
+    several tiles live). Untimed.
+    """
     block_k = 64 if dtype != torch.float32 else 32
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=min(block_k, _pow2(d)), num_warps=8, num_stages=3)
 
@@ -233,10 +240,15 @@ _BWD_TILES = ((128, 64, 32, 4), (256, 64, 32, 8), (512, 32, 64, 8), (1024, 16, 3
 
 
 def _bwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
-    block_d = _pow2(d)
     if triton_interpret():
-        return dict(BLOCK_M=16, BLOCK_N=16 if n <= 64 else 32, BLOCK_K=16, BLOCK_D=block_d, num_warps=4,
+        return dict(BLOCK_M=16, BLOCK_N=16 if n <= 64 else 32, BLOCK_K=16, BLOCK_D=_pow2(d), num_warps=4,
                     num_stages=1)
+    return grad_tiles(d, dtype)
+
+
+def grad_tiles(d: int, dtype: torch.dtype) -> dict:
+    """GPU tiles for a kernel that accumulates a (BLOCK_M, D) gradient in registers (also SigLIP's)."""
+    block_d = _pow2(d)
     _, block_m, block_n, warps = next(t for t in _BWD_TILES if block_d <= t[0])
     if dtype == torch.float32:
         block_n = max(16, block_n // 2)

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from fastclip.ops.registry import triton_interpret
-from fastclip.ops.triton.contrastive import LOG2E, LN2, _input_precision, _logits_tile, _pow2, _scalar
+from fastclip.ops.triton.contrastive import (LN2, LOG2E, _input_precision, _logits_tile, _pow2, _scalar, grad_tiles,
+                                            logits_tiles)
 
 
 @triton.jit
@@ -120,16 +121,9 @@ def _config(m: int, d: int, dtype: torch.dtype, compute_grad: bool) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=16 if m <= 64 else 32, BLOCK_K=16, BLOCK_D=block_d, num_warps=4,
                     num_stages=1)
     if not compute_grad:
-        block_k = 64 if dtype != torch.float32 else 32
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(block_k, block_d), BLOCK_D=16, num_warps=8,
-                    num_stages=3)
-    # as the contrastive backward: the (BLOCK_M, BLOCK_D) fp32 accumulator lives in registers (<= 32K elements),
-    # the (BLOCK_N, BLOCK_D) tile of B in shared memory (<= 64 KB). To be tuned on the GPU.
-    block_m = min(128, max(16, 32768 // block_d))
-    elem = 4 if dtype == torch.float32 else 2
-    block_n = min(64, max(16, 65536 // (block_d * elem)))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(64, block_d), BLOCK_D=block_d,
-                num_warps=8 if block_m * block_d >= 16384 else 4, num_stages=2)
+        return dict(logits_tiles(d, dtype), BLOCK_D=16)
+    # as the contrastive backward: a (BLOCK_M, BLOCK_D) fp32 accumulator in registers; tiles chosen spill-free
+    return grad_tiles(d, dtype)
 
 
 def _launch(a, b, scale_t, bias_t, has_bias, grad_t, n_images, negative_only, compute_loss, compute_grad):
