@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastclip.functional import _FLOAT_DTYPES, _fmt, _Lazy
+from fastclip.functional import _fmt, _Lazy, check_float_tensor
 from fastclip.ops.torch_attention import attention_sdpa
 from fastclip.ops import reference
 from fastclip.ops.registry import Support, register, select, supports, triton_unavailable
@@ -32,14 +32,7 @@ OP = "flash_attention"
 def check_attention_inputs(q, k, v, key_padding_mask) -> None:
     """q (B, S_q, H, D), k and v (B, S_k, H, D): floating, one dtype, one device; mask (B, S_k) bool."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {_fmt(t)}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got {_fmt(t)}")
-        if t.numel() == 0:
-            raise ValueError(f"{name} is empty: {_fmt(t)}")
+        check_float_tensor(name, t, 4, "batch, seq, heads, head_dim")
     shapes = f"q {_fmt(q)}; k {_fmt(k)}; v {_fmt(v)}"
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have one dtype: {shapes}")

@@ -39,17 +39,22 @@ def _fmt(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
 
 
+def check_float_tensor(name: str, t, ndim: int, layout: str, empty_hint: str = "") -> None:
+    """``t`` is a non-empty floating tensor of ``ndim`` dims; TypeError/ValueError naming ``name`` and its shape."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {_fmt(t)}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D ({layout}), got {_fmt(t)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: {_fmt(t)}{empty_hint}")
+
+
 def check_feature_pair(image_features, text_features, *, same_batch: bool = True) -> None:
     """Both (N, D) floating tensors on one device with one dtype; ValueError/TypeError naming the argument."""
     for name, t in (("image_features", image_features), ("text_features", text_features)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {_fmt(t)}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got {_fmt(t)}")
-        if t.shape[0] == 0 or t.shape[1] == 0:
-            raise ValueError(f"{name} is empty: {_fmt(t)}; the loss needs at least one pair and one feature")
+        check_float_tensor(name, t, 2, "batch, dim", "; the loss needs at least one pair and one feature")
     if image_features.device != text_features.device:
         raise ValueError(f"image_features and text_features are on different devices: "
                          f"image_features {_fmt(image_features)}; text_features {_fmt(text_features)}")
