@@ -9,7 +9,24 @@ from torch import nn
 from fastclip import functional as F
 
 
-class ContrastiveLoss(nn.Module):
+class _PairLoss(nn.Module):
+    """What both losses hold: the process's place in the group, the backend and the chunking."""
+
+    def __init__(self, cache_labels: bool, rank: int, world_size: int, dist_impl: Optional[str], backend: str,
+                 chunk_size: Optional[int], group):
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self.group = group
+
+
+class ContrastiveLoss(_PairLoss):
     """Drop-in for open_clip's ``ClipLoss``: same arguments, same values and gradients, memory linear in N.
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)`` returns a 0-d
@@ -38,9 +55,7 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1, *, backend: str = "auto", chunk_size: Optional[int] = None,
                  label_smoothing: float = 0.0, dist_impl: Optional[str] = None, group=None):
-        super().__init__()
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        super().__init__(cache_labels, rank, world_size, dist_impl, backend, chunk_size, group)
         if dist_impl not in (None, "gather", "ring"):
             raise ValueError(f"dist_impl={dist_impl!r}: expected None (open_clip's all_gather) or 'ring'")
         if dist_impl == "ring" and local_loss:
@@ -50,14 +65,7 @@ class ContrastiveLoss(nn.Module):
             raise ValueError("label_smoothing is not supported with dist_impl='ring'")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
-        self.backend = backend
-        self.chunk_size = chunk_size
         self.label_smoothing = label_smoothing
-        self.dist_impl = dist_impl
-        self.group = group
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
@@ -98,7 +106,7 @@ class ContrastiveLoss(nn.Module):
                 + (f", dist_impl={self.dist_impl!r}" if self.dist_impl else ""))
 
 
-class SigLIPLoss(nn.Module):
+class SigLIPLoss(_PairLoss):
     """Drop-in for open_clip's ``SigLipLoss``: same arguments, same values and gradients, memory linear in N.
 
     ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)`` returns a 0-d tensor, or
@@ -125,22 +133,12 @@ class SigLIPLoss(nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: Optional[str] = None, *, backend: str = "auto", chunk_size: Optional[int] = None,
                  group=None):
-        super().__init__()
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        dist_impl = dist_impl or "bidir"
-        if dist_impl not in self.DIST_IMPLS:
+        super().__init__(cache_labels, rank, world_size, dist_impl or "bidir", backend, chunk_size, group)
+        if self.dist_impl not in self.DIST_IMPLS:
             raise ValueError(f"dist_impl={dist_impl!r}: expected one of {self.DIST_IMPLS}")
         from fastclip.siglip import check_chunk_size
 
         check_chunk_size(chunk_size)
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
-        self.dist_impl = dist_impl
-        self.backend = backend
-        self.chunk_size = chunk_size
-        self.group = group
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
