@@ -1,0 +1,51 @@
+// CLIP contrastive loss on tensor cores: the log-sum-exp pass and the gradient pass.
+//
+// Units: the kernels work in base 2. With s_ij = scale * <a_i, b_j> (fp32 accumulation of fp16/bf16 products),
+// t_ij = s_ij * log2(e). A "stats" array is (2, n) fp32: stats[i] = m_i = max_j t_ij, stats[n + i] = log2 of
+// sum_j exp2(t_ij - m_i), so the natural log-sum-exp of row i is ln(2) * (stats[i] + stats[n + i]).
+#pragma once
+#include "../common/api.h"
+
+namespace fastclip {
+
+struct ContrastiveFwdParams {
+  const uint16_t* image;  // (n, d); rows `image_stride` elements apart, the d elements of a row contiguous
+  const uint16_t* text;   // (n, d); rows `text_stride` elements apart
+  int64_t image_stride, text_stride;
+  int n, d;               // n >= 1; 8 <= d <= 2048, d % 8 == 0; pointers and strides 16-byte aligned (stride % 8 == 0)
+  const float* scale;     // device pointer, 1 element (read in the kernel: no host sync)
+  // outputs
+  float* row_max;         // (n): m_i = max_j t_ij                 (rows: image i against every text j)
+  float* row_sum;         // (n): sum_j exp2(t_ij - m_i)
+  // (n) packed column statistics over i for each text column j: low 32 bits = max_i t_ij (float bits), high 32
+  // bits = sum_i exp2(t_ij - max) (float bits). The caller fills it with (-inf, 0) before the launch; kernels merge
+  // into it with 64-bit atomicCAS. Read back as a (n, 2) float32 view on a little-endian host.
+  unsigned long long* col_packed;
+};
+
+// Gradient of one side. Launched twice: (a, b, a_stats, b_stats) = (image, text, row, col) gives the image gradient;
+// (text, image, col, row) gives the text gradient, since t^T = b a^T swaps the two softmaxes.
+//   ds_ij = exp2(t_ij - lse2_a[i]) + exp2(t_ij - lse2_b[j]) - diag_coef * [i == j] - uniform_coef
+//   grad_a[i, :] = sum_j ds_ij * b[j, :]            (fp32, contiguous (n, d))
+// where t_ij = scale * log2(e) * <a_i, b_j> and lse2_x[k] = x_stats[k] + x_stats[n + k]. The caller scales grad_a by
+// scale * grad_loss / (2n) and forms d(scale) from it. ds is rounded to the input type before the second GEMM,
+// after the subtraction (near one-hot rows keep their precision).
+struct ContrastiveBwdParams {
+  const uint16_t* a;
+  const uint16_t* b;
+  int64_t a_stride, b_stride;
+  int n, d;
+  const float* scale;
+  const float* a_stats;  // (2, n) as above: for row i of a, softmax over j
+  const float* b_stats;  // (2, n): for row j of b, softmax over i
+  float diag_coef;       // 2 * (1 - label_smoothing)
+  float uniform_coef;    // 2 * label_smoothing / n
+  float* grad_a;         // (n, d) fp32 output, fully overwritten
+};
+
+const char* contrastive_fwd_fp16(const ContrastiveFwdParams& p, void* stream);
+const char* contrastive_fwd_bf16(const ContrastiveFwdParams& p, void* stream);
+const char* contrastive_bwd_fp16(const ContrastiveBwdParams& p, void* stream);
+const char* contrastive_bwd_bf16(const ContrastiveBwdParams& p, void* stream);
+
+}  // namespace fastclip

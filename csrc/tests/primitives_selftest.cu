@@ -1,0 +1,71 @@
+// Self-test of the device primitives: one warp multiplies a 16x16 by a 16x8 matrix through ldmatrix (plain and
+// .trans) and mma.sync, then checks shuffles and cp.async. Built by tests/test_cuda_emulated.py with
+// -DFASTCLIP_EMULATE -x c++ (and compiled, not run, by nvcc in the extension build check).
+#include "../common/device.cuh"
+
+template <class T>
+FC_GLOBAL void selftest_kernel(const uint16_t* a, const uint16_t* b, float* c_nt, float* c_nn, float* shfl) {
+  FC_DYNAMIC_SMEM(smem);
+  uint16_t* sa = reinterpret_cast<uint16_t*>(smem);  // A: 16x16 row-major
+  uint16_t* sb = sa + 256;                            // B: 16x8 row-major (k x n)
+  uint16_t* sbt = sb + 128;                           // B^T: 8x16 row-major (n x k)
+  int l = fc::lane_id();
+  // 256 + 128 halves of A and B: 48 chunks of 16 bytes; lanes take chunks l and l + 32
+  for (int c = l; c < 48; c += 32) {
+    const uint16_t* src = c < 32 ? a + 8 * c : b + 8 * (c - 32);
+    fc::cp_async_16(sa + 8 * c, src, true);
+  }
+  fc::cp_async_commit();
+  fc::cp_async_wait<0>();
+  fc::sync_threads();
+  for (int i = l; i < 128; i += 32) sbt[(i % 8) * 16 + i / 8] = sb[i];
+  fc::sync_threads();
+  uint32_t af[4], bf[2], bft[2];
+  fc::ldmatrix_x4(af, sa + ((l / 8) % 2 * 8 + l % 8) * 16 + (l / 16) * 8);
+  fc::ldmatrix_x2(bf, sbt + (l % 8) * 16 + ((l / 8) % 2) * 8);  // B^T rows: b fragments directly
+  fc::ldmatrix_x2_trans(bft, sb + (l % 16) * 8);                 // B rows, transposed
+  float d0[4] = {0, 0, 0, 0}, d1[4] = {0, 0, 0, 0};
+  fc::mma_16816<T>(d0, af, bf);
+  fc::mma_16816<T>(d1, af, bft);
+  int g = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    c_nt[row * 8 + col] = d0[i];
+    c_nn[row * 8 + col] = d1[i];
+  }
+  shfl[l] = fc::shfl_xor(float(l), 5) + 100.f * fc::warp_reduce_sum4(float(l));
+}
+
+#ifdef FASTCLIP_EMULATE
+#include <cstdio>
+#include <cstdlib>
+int main() {
+  uint16_t a[256], b[128];
+  float ref[128] = {0}, c_nt[128], c_nn[128], shfl[32];
+  for (int i = 0; i < 256; ++i) a[i] = fc::Cvt<fc::Fp16>::to_bits(float((i * 7) % 13) - 6.f);
+  for (int i = 0; i < 128; ++i) b[i] = fc::Cvt<fc::Fp16>::to_bits(float((i * 5) % 11) - 5.f);
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 8; ++n)
+      for (int k = 0; k < 16; ++k) ref[r * 8 + n] += fc::Cvt<fc::Fp16>::to_float(a[r * 16 + k]) *
+                                                    fc::Cvt<fc::Fp16>::to_float(b[k * 8 + n]);
+  alignas(16) static uint16_t ab[256 + 128];
+  for (int i = 0; i < 256; ++i) ab[i] = a[i];
+  for (int i = 0; i < 128; ++i) ab[256 + i] = b[i];
+  fc::launch(selftest_kernel<fc::Fp16>, {1, 1, 1}, {32, 1, 1}, 2048, nullptr, ab, ab + 256, c_nt, c_nn, shfl);
+  int bad = 0;
+  for (int i = 0; i < 128; ++i) bad += (c_nt[i] != ref[i]) + (c_nn[i] != ref[i]);
+  for (int l = 0; l < 32; ++l) {
+    int q = l & ~3;
+    bad += shfl[l] != float(l ^ 5) + 100.f * float(4 * q + 6);
+  }
+  // conversions: round to nearest even at the half-way points
+  bad += fc::Cvt<fc::Fp16>::to_bits(1.0f + 1.0f / 2048) != 0x3c00;          // tie -> even
+  bad += fc::Cvt<fc::Fp16>::to_bits(1.0f + 3.0f / 2048) != 0x3c02;          // tie -> even (up)
+  bad += fc::Cvt<fc::Bf16>::to_bits(1.0f + 1.0f / 256) != 0x3f80;
+  bad += fc::Cvt<fc::Bf16>::to_bits(1.0f + 3.0f / 256) != 0x3f82;
+  bad += fc::Cvt<fc::Fp16>::to_float(fc::Cvt<fc::Fp16>::to_bits(65504.f)) != 65504.f;
+  bad += fc::Cvt<fc::Fp16>::to_bits(1e-7f) != 0x0002;                       // subnormal 1e-7 / 2^-24 = 1.68 -> 2
+  std::printf(bad ? "FAIL %d\n" : "OK\n", bad);
+  return bad ? 1 : 0;
+}
+#endif
