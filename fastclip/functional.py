@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastclip.ops import reference
-from fastclip.ops.registry import Support, register, select, triton_unavailable
+from fastclip.ops.registry import Support, cuda_ext_unavailable, register, select, triton_unavailable
 
 __all__ = ["contrastive_loss"]
 
@@ -112,6 +112,11 @@ register(Support("contrastive_loss", "triton",
                  unavailable=triton_unavailable,
                  extra_checks=(lambda dev, dtype, dim: ["bfloat16 does not run in the Triton interpreter (CPU)"]
                                if dev == "cpu" and dtype == torch.bfloat16 else [],)))
+register(Support("contrastive_loss", "cuda",
+                 impl=(_Lazy("fastclip.ops.cuda", "contrastive_fwd"), _Lazy("fastclip.ops.cuda", "contrastive_bwd")),
+                 devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}), min_dim=8,
+                 max_dim=2048, unavailable=cuda_ext_unavailable,
+                 extra_checks=(_Lazy("fastclip.ops.cuda", "arch_reasons"),)))
 
 
 def _impl(backend: str, which: int):

@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
-# "auto" tries these in order; reference is the last resort (it materializes N x N).
+# "auto" tries these in order; reference is the last resort (it materializes N x N). cuda is taken only where a
+# committed benchmark measured it faster than triton (fastclip/ops/choice.py).
 AUTO_ORDER = ("cuda", "triton", "torch", "reference")
 
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -163,6 +164,13 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Suppor
         row = table.get(name)
         if row is None:
             continue
+        if name == "cuda" and not row.unavailable():
+            from fastclip.ops.choice import preferred
+
+            if preferred(op, device, dtype, dim) != "cuda":
+                refusals.append("  cuda: skipped by auto: no committed benchmark shows it faster than triton for "
+                                "these inputs (fastclip/data/backend_choice.json)")
+                continue
         reasons = row.not_supported_reasons(device, dtype, dim)
         if not reasons:
             # On the CPU the interpreter is a correctness tool, never a speed choice.
