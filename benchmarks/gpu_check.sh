@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (the device tool, or your own box): environment report, GPU tests, benchmarks and
-# plots. Results land in $OUT (default benchmarks/results/gpu_run): the CSVs, and one tarball of logs and plots,
+# One call on a GPU machine (the device tool, or your own box): builds the CUDA extension, environment report,
+# GPU tests, compute-sanitizer over every CUDA kernel, benchmarks, plots, and auto's cuda/triton choice. Results land in $OUT (default benchmarks/results/gpu_run): the CSVs, and one tarball of logs and plots,
 # so that at most 8 files come back through the device tool.
 #
 #   bash benchmarks/gpu_check.sh                 # tests + loss benchmark
@@ -21,11 +21,27 @@ if [ -d .wheels ] && ls .wheels/*.whl >/dev/null 2>&1; then
     || echo "wheel install failed (see pip.log)"
 fi
 
+echo "== building the CUDA extension"
+start=$SECONDS
+FASTCLIP_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace >"$WORK/build.log" 2>&1 \
+  && echo "built in $((SECONDS - start)) s" || { echo "extension build FAILED"; tail -30 "$WORK/build.log"; }
+
 { $PY -m fastclip.info; nvidia-smi; } >"$WORK/info.txt" 2>&1
 head -20 "$WORK/info.txt"
 
 echo "== GPU tests"
 timeout ${TEST_TIMEOUT:-300} $PY -m pytest -m gpu -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$WORK/gpu_tests.log" | tail -25
+
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$SAN" ]; then
+  for tool in memcheck racecheck synccheck; do
+    echo "== compute-sanitizer --tool $tool"
+    timeout ${SAN_TIMEOUT:-300} "$SAN" --tool $tool --error-exitcode 1 $PY tests/cuda_sanitize_case.py \
+      >"$WORK/sanitizer_$tool.log" 2>&1 && echo "$tool: clean" || { echo "$tool: ERRORS"; tail -15 "$WORK/sanitizer_$tool.log"; }
+  done
+else
+  echo "compute-sanitizer not found"
+fi
 
 for b in ${BENCHES:-loss}; do
   echo "== bench $b"
@@ -38,6 +54,10 @@ for b in ${BENCHES:-loss}; do
   tail -3 "$WORK/bench_$b.err"
   $PY benchmarks/plot.py "$OUT/$b.csv" --out "$WORK" >/dev/null 2>&1 || echo "plot of $b failed"
 done
+
+echo "== auto's cuda/triton choice from these results"
+$PY benchmarks/choose_backends.py "$OUT"/loss.csv "$OUT"/attention.csv --out fastclip/data/backend_choice.json \
+  && cp fastclip/data/backend_choice.json "$OUT/backend_choice.json"
 
 tar czf "$OUT/logs_and_plots.tgz" -C "$WORK" .
 ls -la "$OUT"

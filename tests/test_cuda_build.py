@@ -62,3 +62,30 @@ def test_explicit_cuda_backend_explains_itself_on_the_cpu():
         select("contrastive_loss", "cuda", device=torch.device("cpu"), dtype=torch.bfloat16, dim=12)
     with pytest.raises(Exception, match=r"dtype float32 is not supported"):
         select("flash_attention", "cuda", device=torch.device("cpu"), dtype=torch.float32, dim=64)
+
+
+def test_choose_backends_from_csv(tmp_path):
+    import importlib.util
+
+    from fastclip.bench.common import CSV_FIELDS
+
+    spec = importlib.util.spec_from_file_location("choose", os.path.join(build.ROOT, "benchmarks",
+                                                                         "choose_backends.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dev = "NVIDIA H100 80GB HBM3 (sm_90)"
+    rows = []
+    for n, cu, tr in ((4096, 1.0, 2.0), (16384, 3.0, 4.0)):
+        for prov, ms in (("cuda", cu), ("triton", tr)):
+            rows.append(dict(op="contrastive_loss", provider=prov, mode="full", shape=f"N={n},D=512", dtype="bf16",
+                             ms_p50=str(ms), device=dev, git_sha="abc", note=""))
+    rows.append(dict(op="contrastive_loss", provider="cuda", mode="full", shape="N=4096,D=768", dtype="bf16",
+                     ms_p50="9", device=dev, git_sha="abc", note=""))  # no triton row at D=768: no entry
+    rows.append(dict(op="flash_attention", provider="fastclip-cuda", mode="full", shape="vit:B=8,S=50,H=12,D=64",
+                     dtype="bf16", ms_p50="2", device=dev, git_sha="abc", note=""))
+    rows.append(dict(op="flash_attention", provider="fastclip-triton", mode="full", shape="vit:B=8,S=50,H=12,D=64",
+                     dtype="bf16", ms_p50="1", device=dev, git_sha="abc", note=""))
+    entries = mod.choose([{k: r.get(k, "") for k in CSV_FIELDS} for r in rows])
+    assert [(e["op"], e["arch"], e["dtype"], e["dim_max"], e["backend"]) for e in entries] == [
+        ("contrastive_loss", "sm_90", "bfloat16", 512, "cuda"), ("flash_attention", "sm_90", "bfloat16", 64, "triton")]
+    assert entries[0]["cuda_speedup"] == pytest.approx((2.0 * 4.0 / 3.0) ** 0.5, rel=1e-3)

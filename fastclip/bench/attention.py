@@ -60,6 +60,16 @@ def attention_providers(device: torch.device) -> Dict[str, Optional[Callable]]:
     # Triton on the CPU is the interpreter: a correctness tool whose timings mean nothing.
     out["fastclip-triton"] = ((lambda q, k, v, c, m, am: fastclip.flash_attention(
         q, k, v, causal=c, key_padding_mask=m, backend="triton")) if on_gpu else None)
+    from fastclip.ops.cuda import unavailable_reason
+    from fastclip.ops.registry import BackendError
+
+    def cuda(q, k, v, c, m, am):
+        try:
+            return fastclip.flash_attention(q, k, v, causal=c, key_padding_mask=m, backend="cuda")
+        except BackendError as e:  # fp32, or a head dim the kernels do not take
+            raise Unsupported(str(e).split(": ", 2)[-1][:120]) from e
+
+    out["fastclip-cuda"] = cuda if on_gpu and unavailable_reason() is None else None
     out["fastclip-torch"] = lambda q, k, v, c, m, am: fastclip.flash_attention(
         q, k, v, causal=c, key_padding_mask=m, backend="torch")
     out["reference"] = lambda q, k, v, c, m, am: fastclip.flash_attention(

@@ -179,8 +179,9 @@ def git_sha() -> str:
 
 def device_name(device: torch.device) -> str:
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+    if device.type == "cuda":  # the architecture too: auto's cuda/triton choice is keyed on it
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

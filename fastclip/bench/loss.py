@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from fastclip.ops.registry import BackendError
 from fastclip.bench.common import Row, append_csv, environment, format_table, is_oom, peak_memory_mb, quantiles, \
     time_fn
 
@@ -43,6 +44,8 @@ def contrastive_providers(device: torch.device) -> Dict[str, Optional[Callable]]
     # Triton on the CPU is the interpreter: a correctness tool whose timings mean nothing.
     out["triton"] = ((lambda i, t, s, b: fastclip.contrastive_loss(i, t, s, backend="triton"))
                      if device.type == "cuda" else None)
+    out["cuda"] = ((lambda i, t, s, b: fastclip.contrastive_loss(i, t, s, backend="cuda"))
+                   if device.type == "cuda" and _cuda_unavailable() is None else None)
     out["inf-cl"] = None
     if device.type == "cuda":
         try:
@@ -56,6 +59,12 @@ def contrastive_providers(device: torch.device) -> Dict[str, Optional[Callable]]
         except ImportError:
             pass
     return out
+
+
+def _cuda_unavailable():
+    from fastclip.ops.cuda import unavailable_reason
+
+    return unavailable_reason()
 
 
 def contrastive_flops(n: int, d: int, mode: str) -> float:
@@ -148,6 +157,10 @@ def run(args, op: str = "contrastive_loss", providers_fn=contrastive_providers, 
                     try:
                         new = bench_case(op, name, fn, n, d, dtype_name, device, modes, flops, env, args.rep,
                                          with_bias=with_bias)
+                    except BackendError as e:  # e.g. the cuda backend and fp32 inputs
+                        dead.add(name)
+                        new = [Row(op=op, provider=name, mode="-", shape=shape, dtype=dtype_name,
+                                   note="unsupported: " + str(e).split(": ", 2)[-1][:100], **env)]
                     except Exception as e:  # noqa: BLE001
                         if not is_oom(e):
                             raise
