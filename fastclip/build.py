@@ -48,7 +48,7 @@ def arch_flags(archs: str | None = None) -> list:
 def extension_kwargs(relative: bool = False, archs: str | None = None) -> dict:
     return {
         "sources": sources(relative),
-        "include_dirs": [os.path.relpath(CSRC, ROOT) if relative else CSRC],
+        "include_dirs": [CSRC],
         "cxx_flags": ["-O3"],
         "nvcc_flags": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + arch_flags(archs),
     }

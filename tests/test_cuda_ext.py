@@ -89,7 +89,7 @@ def test_attention_mask_and_dtype_checks():
     q = torch.randn(2, 7, 3, 32, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"key_padding_mask must be \(batch, seq_k\) bool = \(2, 7\); got \[2, 6\]"):
         torch.ops.fastclip.flash_attn_fwd_cuda(q, q, q, torch.zeros(2, 6, dtype=torch.bool), False, 0.1)
-    with pytest.raises(RuntimeError, match="all float16 or all bfloat16"):
+    with pytest.raises(RuntimeError, match="must all be float16 or all bfloat16"):
         torch.ops.fastclip.flash_attn_fwd_cuda(q, q.half(), q, None, False, 0.1)
 
 
