@@ -1,0 +1,14 @@
+// bf16 instantiation of the contrastive loss kernels (contrastive_kernels.cuh).
+#include "contrastive_kernels.cuh"
+
+namespace fastclip {
+
+const char* contrastive_fwd_bf16(const ContrastiveFwdParams& p, void* stream) {
+  return contrastive_detail::fwd_launch<fc::Bf16>(p, stream);
+}
+
+const char* contrastive_bwd_bf16(const ContrastiveBwdParams& p, void* stream) {
+  return contrastive_detail::bwd_launch<fc::Bf16>(p, stream);
+}
+
+}  // namespace fastclip

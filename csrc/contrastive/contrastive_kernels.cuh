@@ -1,0 +1,433 @@
+// CLIP contrastive (InfoNCE) loss on tensor cores: templated kernels and launchers (contrastive.h is the contract).
+//
+// Forward (contrastive_fwd_kernel, 1 GEMM = 2 n^2 d FLOPs): a block owns BM = 16 * WARPS rows of image (warp w the
+// rows 16w..16w+15) and walks every BN-column block of text, starting at column block blockIdx.x mod #blocks so that
+// concurrent blocks merge into different columns. Each (column block, BK-wide slice of d) step is staged in shared
+// memory by cp.async, double buffered across the flattened loop; S tiles come from ldmatrix + mma.m16n8k16 (image
+// rows = A row-major, text rows = B "col" directly, non-trans ldmatrix). Row (max, sum) statistics stay online in
+// registers; each tile's column (max, sum) is reduced over the warp's 16 rows by shuffles, over the warps through
+// shared memory, then merged into col_packed[j] by a 64-bit atomicCAS loop.
+//
+// Backward (contrastive_bwd_kernel, 2 GEMMs = 4 n^2 d FLOPs per launch, 8 n^2 d for both gradients): a block owns
+// BM = 16 * MW rows of a, kept in shared memory for the whole kernel; NW warps share each 16-row group and split d
+// into NW slices of DW = D_MAX / NW. For each BN-row tile of b (cp.async, STAGES buffers, whole d):
+//   GEMM1: warp (mw, nw) computes the partial S (16 x BN) over its own d slice (split-K); with NW > 1 the partials
+//          are summed through shared memory in a fixed order (deterministic), each warp getting the full 16 x BN S.
+//   ds:    in fp32 registers, ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform, rounded to T and used
+//          as the A operand of GEMM2 straight from the accumulator layout (two n8 C tiles = one k16 A tile).
+//   GEMM2: acc (16 x DW, registers) += ds (16 x BN) @ b_tile[:, slice] (B fragments by ldmatrix .trans).
+// Each warp only touches its own d slice of a and b, and the exp2 of the 16 x BN tile is done once per warp of the
+// row group (NW times per element; negligible next to the 4 d FLOPs per element of the two GEMMs).
+#pragma once
+
+#include "../common/device.cuh"
+#include "contrastive.h"
+
+namespace fastclip {
+namespace contrastive_detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+FC_DEVICE float neg_inf() { return fc::bits_to_float(0xff800000u); }
+FC_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+
+// ------------------------------------------------------------------------------------------------------------------
+// Forward
+
+template <int WARPS, int BN, int BK>
+struct FwdCfg {
+  static constexpr int BM = 16 * WARPS;
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int PITCH = BK + 8;                  // halves per smem row: +16 bytes, conflict-free ldmatrix
+  static constexpr int STAGE = (BM + BN) * PITCH;       // halves per pipeline stage (image rows, then text rows)
+  static constexpr int SMEM = 2 * STAGE * 2 + WARPS * BN * 2 * 4;  // 2 stages + per-warp column (max, sum)
+  static_assert(BN % 16 == 0 && BK % 16 == 0, "tile shape");
+};
+
+template <class T, int WARPS, int BN, int BK>
+FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFwdParams p) {
+  using C = FwdCfg<WARPS, BN, BK>;
+  constexpr int BM = C::BM, PITCH = C::PITCH, STAGE = C::STAGE, NT = BN / 8;
+  FC_DYNAMIC_SMEM(smem);
+  uint16_t* sbuf = reinterpret_cast<uint16_t*>(smem);
+  float* scol = reinterpret_cast<float*>(smem + 2 * STAGE * 2);  // [WARPS][BN][2]
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
+  const int n = p.n, d = p.d;
+  const int row0 = int(blockIdx.x) * BM;
+  const int ncb = (n + BN - 1) / BN;
+  const int d16 = (d + 15) & ~15;
+  const int nk = (d16 + BK - 1) / BK;
+  const int total = ncb * nk;
+  const int cb0 = int(blockIdx.x) % ncb;
+  const float scale2 = *p.scale * kLog2e;
+  const float NEG_INF = neg_inf();
+
+  auto load = [&](int it, int stage) {
+    const int cb = (cb0 + it / nk) % ncb, k0 = (it % nk) * BK;
+    constexpr int CPR = BK / 8;  // 16-byte chunks per row
+    uint16_t* s = sbuf + stage * STAGE;
+    for (int c = tid; c < (BM + BN) * CPR; c += C::THREADS) {
+      const int r = c / CPR, kc = k0 + (c % CPR) * 8;
+      if (kc >= d16) continue;  // never read
+      const bool is_a = r < BM;
+      const int grow = is_a ? row0 + r : cb * BN + (r - BM);
+      const uint16_t* base = is_a ? p.image : p.text;
+      const int64_t stride = is_a ? p.image_stride : p.text_stride;
+      const bool pred = grow < n && kc < d;
+      fc::cp_async_16(s + r * PITCH + (c % CPR) * 8, pred ? base + int64_t(grow) * stride + kc : base, pred);
+    }
+  };
+
+  float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
+  float acc[NT][4];
+
+  load(0, 0);
+  fc::cp_async_commit();
+  for (int it = 0; it < total; ++it) {
+    const int kk = it % nk;
+    if (kk == 0) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
+    }
+    fc::cp_async_wait<0>();
+    fc::sync_threads();  // stage it&1 is complete for everyone; everyone is done reading stage (it+1)&1
+    if (it + 1 < total) load(it + 1, (it + 1) & 1);
+    fc::cp_async_commit();
+
+    const uint16_t* sa = sbuf + (it & 1) * STAGE;
+    const uint16_t* sb = sa + BM * PITCH;
+    const int ksteps = imin(BK, d16 - kk * BK) / 16;
+    for (int ks = 0; ks < ksteps; ++ks) {
+      uint32_t af[4];
+      fc::ldmatrix_x4(af, sa + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PITCH + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t bf[4];
+        fc::ldmatrix_x4(bf, sb + (np * 16 + (lane & 7) + (lane >> 4) * 8) * PITCH + ks * 16 + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        fc::mma_16816<T>(acc[2 * np], af, b0);
+        fc::mma_16816<T>(acc[2 * np + 1], af, b1);
+      }
+    }
+    if (kk != nk - 1) continue;
+
+    // ---- epilogue of column block cb: base-2 logits, masked
+    const int cb = (cb0 + it / nk) % ncb, col0 = cb * BN;
+    const int ra = row0 + warp * 16 + g;  // rows ra (c = 0, 1) and ra + 8 (c = 2, 3)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int row = ra + (c >= 2 ? 8 : 0), col = col0 + nt * 8 + 2 * tq + (c & 1);
+        acc[nt][c] = (row < n && col < n) ? acc[nt][c] * scale2 : NEG_INF;
+      }
+    // row statistics (online; the max is quad-uniform, the sum stays a per-thread partial)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = NEG_INF;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc[nt][2 * r], acc[nt][2 * r + 1]));
+      mx = fc::warp_reduce_max4(mx);
+      const float m_new = fmaxf(m_r[r], mx);
+      const float m_use = m_new == NEG_INF ? 0.f : m_new;  // rows past n see only -inf
+      float s = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        s += fc::exp2_approx(acc[nt][2 * r] - m_use) + fc::exp2_approx(acc[nt][2 * r + 1] - m_use);
+      l_r[r] = l_r[r] * fc::exp2_approx(m_r[r] - m_use) + s;
+      m_r[r] = m_new;
+    }
+    // column statistics over this warp's 16 rows: lanes with the same tq hold the same columns
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float v0 = acc[nt][e], v1 = acc[nt][e + 2];
+        float cm = fmaxf(v0, v1);
+        cm = fmaxf(cm, fc::shfl_xor(cm, 4));
+        cm = fmaxf(cm, fc::shfl_xor(cm, 8));
+        cm = fmaxf(cm, fc::shfl_xor(cm, 16));
+        const float cm_use = cm == NEG_INF ? 0.f : cm;
+        float cs = fc::exp2_approx(v0 - cm_use) + fc::exp2_approx(v1 - cm_use);
+        cs += fc::shfl_xor(cs, 4);
+        cs += fc::shfl_xor(cs, 8);
+        cs += fc::shfl_xor(cs, 16);
+        if (g == 0) {
+          const int cl = nt * 8 + 2 * tq + e;
+          scol[(warp * BN + cl) * 2] = cm;
+          scol[(warp * BN + cl) * 2 + 1] = cs;
+        }
+      }
+    fc::sync_threads();
+    // (the next write of scol follows the next iteration's sync_threads)
+    if (tid < BN && col0 + tid < n) {
+      float M = NEG_INF;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) M = fmaxf(M, scol[(w * BN + tid) * 2]);
+      const float M_use = M == NEG_INF ? 0.f : M;
+      float S = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w)
+        S += scol[(w * BN + tid) * 2 + 1] * fc::exp2_approx(scol[(w * BN + tid) * 2] - M_use);
+      unsigned long long* addr = p.col_packed + (col0 + tid);
+      unsigned long long old = *reinterpret_cast<volatile unsigned long long*>(addr);
+      while (true) {
+        const float om = fc::bits_to_float(uint32_t(old)), os = fc::bits_to_float(uint32_t(old >> 32));
+        const float nm = fmaxf(om, M);
+        const float nm_use = nm == NEG_INF ? 0.f : nm;
+        const float ns = os * fc::exp2_approx(om - nm_use) + S * fc::exp2_approx(M - nm_use);
+        const unsigned long long nv =
+            (unsigned long long)fc::float_to_bits(nm) | ((unsigned long long)fc::float_to_bits(ns) << 32);
+        const unsigned long long prev = fc::atomic_cas(addr, old, nv);
+        if (prev == old) break;
+        old = prev;
+      }
+    }
+  }
+  fc::cp_async_wait<0>();  // the last (empty) group
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = fc::warp_reduce_sum4(l_r[r]);
+    const int row = row0 + warp * 16 + g + 8 * r;
+    if (tq == 0 && row < n) {
+      p.row_max[row] = m_r[r];
+      p.row_sum[row] = l;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Backward
+
+template <int D_MAX, int MW, int NW, int BN, int STAGES>
+struct BwdCfg {
+  static constexpr int BM = 16 * MW;
+  static constexpr int WARPS = MW * NW;
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int PITCH = D_MAX + 8;  // halves per smem row
+  static constexpr int DW = D_MAX / NW;    // each warp's d slice
+  static constexpr int SA = BM * PITCH;    // halves
+  static constexpr int SB = BN * PITCH;    // halves per stage
+  static constexpr int PART = NW > 1 ? WARPS * (BN / 8) * 4 * 32 : 0;  // floats: partial S in fragment order
+  static constexpr int SMEM = (SA + STAGES * SB) * 2 + PART * 4;
+  static_assert(BN % 16 == 0 && DW % 16 == 0 && (STAGES == 1 || STAGES == 2), "tile shape");
+};
+
+template <class T, int D_MAX, int MW, int NW, int BN, int STAGES>
+FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(ContrastiveBwdParams p) {
+  using C = BwdCfg<D_MAX, MW, NW, BN, STAGES>;
+  constexpr int BM = C::BM, PITCH = C::PITCH, DW = C::DW, NT = BN / 8, NO = DW / 8;
+  FC_DYNAMIC_SMEM(smem);
+  uint16_t* sa = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* sbuf = sa + C::SA;
+  float* spart = reinterpret_cast<float*>(smem + (C::SA + STAGES * C::SB) * 2);
+
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
+  const int mw = warp / NW, nw = warp % NW;
+  const int n = p.n, d = p.d;
+  const int row0 = int(blockIdx.x) * BM;
+  const int ncb = (n + BN - 1) / BN;
+  const int d16 = (d + 15) & ~15;
+  const int cpr = d16 / 8;  // 16-byte chunks per row actually used
+  const float scale2 = *p.scale * kLog2e;
+  const float diag = p.diag_coef, uniform = p.uniform_coef;
+  const int k_lo = nw * DW, k_hi = imin(k_lo + DW, d16);  // this warp's d slice (k of GEMM1, n of GEMM2)
+
+  // rows of a: resident for the whole kernel
+  for (int c = tid; c < BM * cpr; c += C::THREADS) {
+    const int r = c / cpr, kc = (c % cpr) * 8, grow = row0 + r;
+    const bool pred = grow < n && kc < d;
+    fc::cp_async_16(sa + r * PITCH + kc, pred ? p.a + int64_t(grow) * p.a_stride + kc : p.a, pred);
+  }
+  auto load_b = [&](int cb, int stage) {
+    uint16_t* s = sbuf + stage * C::SB;
+    for (int c = tid; c < BN * cpr; c += C::THREADS) {
+      const int r = c / cpr, kc = (c % cpr) * 8, grow = cb * BN + r;
+      const bool pred = grow < n && kc < d;
+      fc::cp_async_16(s + r * PITCH + kc, pred ? p.b + int64_t(grow) * p.b_stride + kc : p.b, pred);
+    }
+  };
+  load_b(0, 0);
+  fc::cp_async_commit();
+
+  // this thread's rows: ra (c = 0, 1) and ra + 8 (c = 2, 3)
+  const int ra = row0 + mw * 16 + g;
+  float ma[2], la[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = ra + 8 * r;
+    ma[r] = row < n ? p.a_stats[row] : 0.f;
+    la[r] = row < n ? p.a_stats[n + row] : 0.f;
+  }
+
+  float acc[NO][4];
+#pragma unroll
+  for (int o = 0; o < NO; ++o)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[o][c] = 0.f;
+
+  for (int cb = 0; cb < ncb; ++cb) {
+    const int stage = STAGES == 2 ? (cb & 1) : 0;
+    fc::cp_async_wait<0>();
+    fc::sync_threads();  // b tile cb (and a) in smem; every warp is done with the other stage
+    if (STAGES == 2 && cb + 1 < ncb) {
+      load_b(cb + 1, (cb + 1) & 1);
+      fc::cp_async_commit();
+    }
+    const uint16_t* sb = sbuf + stage * C::SB;
+
+    // ---- GEMM1 (split-K over the warp's d slice): s = a[rows] . b[cols] over k in [k_lo, k_hi)
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[nt][c] = 0.f;
+    for (int k = k_lo; k < k_hi; k += 16) {
+      uint32_t af[4];
+      fc::ldmatrix_x4(af, sa + (mw * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PITCH + k + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t bf[4];
+        fc::ldmatrix_x4(bf, sb + (np * 16 + (lane & 7) + (lane >> 4) * 8) * PITCH + k + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        fc::mma_16816<T>(s[2 * np], af, b0);
+        fc::mma_16816<T>(s[2 * np + 1], af, b1);
+      }
+    }
+    if (NW > 1) {  // sum the NW partials of this row group, in a fixed order
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) spart[((warp * NT + nt) * 4 + c) * 32 + lane] = s[nt][c];
+      fc::sync_threads();
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          float v = 0.f;
+#pragma unroll
+          for (int w = 0; w < NW; ++w) v += spart[(((mw * NW + w) * NT + nt) * 4 + c) * 32 + lane];
+          s[nt][c] = v;
+        }
+      // (spart is next written after the next iteration's sync_threads)
+    }
+
+    // ---- ds in fp32, masked, then rounded to T as GEMM2's A fragments
+    const int col0 = cb * BN;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = col0 + nt * 8 + 2 * tq + e;
+        const bool cvalid = col < n;
+        const float mb = cvalid ? p.b_stats[col] : 0.f, lb = cvalid ? p.b_stats[n + col] : 0.f;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = ra + 8 * r;
+          const float t = s[nt][2 * r + e] * scale2;
+          float v = fc::exp2_approx((t - ma[r]) - la[r]) + fc::exp2_approx((t - mb) - lb) -
+                    (row == col ? diag : 0.f) - uniform;
+          s[nt][2 * r + e] = (cvalid && row < n) ? v : 0.f;
+        }
+      }
+
+    // ---- GEMM2: acc (16 x DW) += ds (16 x BN) @ b_tile[:, k_lo : k_lo + DW]
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t af[4] = {
+          fc::Cvt<T>::pack2(s[2 * kk][0], s[2 * kk][1]), fc::Cvt<T>::pack2(s[2 * kk][2], s[2 * kk][3]),
+          fc::Cvt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), fc::Cvt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int np = 0; np < NO / 2; ++np) {
+        if (k_lo + np * 16 >= d) break;  // warp-uniform: the rest of the slice is past d
+        uint32_t bf[4];
+        fc::ldmatrix_x4_trans(bf, sb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PITCH + k_lo + np * 16 +
+                                      (lane >> 4) * 8);
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        fc::mma_16816<T>(acc[2 * np], af, b0);
+        fc::mma_16816<T>(acc[2 * np + 1], af, b1);
+      }
+    }
+
+    if (STAGES == 1 && cb + 1 < ncb) {
+      fc::sync_threads();  // every warp is done with the only stage
+      load_b(cb + 1, 0);
+      fc::cp_async_commit();
+    }
+  }
+  fc::cp_async_wait<0>();
+
+  // ---- grad_a (fp32, contiguous (n, d)): rows < n, columns < d
+#pragma unroll
+  for (int o = 0; o < NO; ++o)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = ra + 8 * r, col = k_lo + o * 8 + 2 * tq;
+      if (row < n && col < d) {
+        float* dst = p.grad_a + int64_t(row) * d + col;
+        dst[0] = acc[o][2 * r];
+        dst[1] = acc[o][2 * r + 1];
+      }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Launchers
+
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+inline const char* check_features(const uint16_t* a, const uint16_t* b, int64_t sa, int64_t sb, int n, int d) {
+  if (n < 1) return "fastclip contrastive: n must be >= 1";
+  if (d < 8 || d > 2048 || d % 8 != 0) return "fastclip contrastive: d must be a multiple of 8 in [8, 2048]";
+  if (a == nullptr || b == nullptr) return "fastclip contrastive: null feature pointer";
+  if (!aligned16(a) || !aligned16(b)) return "fastclip contrastive: feature pointers must be 16-byte aligned";
+  if (sa % 8 != 0 || sb % 8 != 0 || sa < d || sb < d)
+    return "fastclip contrastive: row strides must be multiples of 8 elements and >= d";
+  return nullptr;
+}
+
+// forward tiles: 128 x 64 logits per step, 8 warps (16 rows each), d in slices of 64
+constexpr int kFwdWarps = 8, kFwdBN = 64, kFwdBK = 64;
+
+template <class T>
+const char* fwd_launch(const ContrastiveFwdParams& p, void* stream) {
+  if (const char* e = check_features(p.image, p.text, p.image_stride, p.text_stride, p.n, p.d)) return e;
+  if (p.scale == nullptr || p.row_max == nullptr || p.row_sum == nullptr || p.col_packed == nullptr)
+    return "fastclip contrastive_fwd: null scale or output pointer";
+  if ((reinterpret_cast<uintptr_t>(p.col_packed) & 7) != 0) return "fastclip contrastive_fwd: col_packed must be 8-byte aligned";
+  using C = FwdCfg<kFwdWarps, kFwdBN, kFwdBK>;
+  const unsigned grid = unsigned((p.n + C::BM - 1) / C::BM);
+  fc::Error err = fc::launch(contrastive_fwd_kernel<T, kFwdWarps, kFwdBN, kFwdBK>, fc::Dim3{grid, 1, 1},
+                             fc::Dim3{unsigned(C::THREADS), 1, 1}, C::SMEM, static_cast<fc::Stream>(stream), p);
+  return err == fc::kSuccess ? nullptr : fc::error_string(err);
+}
+
+template <class T, int D_MAX, int MW, int NW, int BN, int STAGES>
+const char* bwd_run(const ContrastiveBwdParams& p, void* stream) {
+  using C = BwdCfg<D_MAX, MW, NW, BN, STAGES>;
+  const unsigned grid = unsigned((p.n + C::BM - 1) / C::BM);
+  fc::Error err = fc::launch(contrastive_bwd_kernel<T, D_MAX, MW, NW, BN, STAGES>, fc::Dim3{grid, 1, 1},
+                             fc::Dim3{unsigned(C::THREADS), 1, 1}, C::SMEM, static_cast<fc::Stream>(stream), p);
+  return err == fc::kSuccess ? nullptr : fc::error_string(err);
+}
+
+// Backward configs (D_MAX, MW, NW, BN, STAGES): fp32 output accumulator 16 * D_MAX / (32 * NW) per thread (64 or 128),
+// shared memory <= 140 KB (sm_80 allows 163 KB).
+template <class T>
+const char* bwd_launch(const ContrastiveBwdParams& p, void* stream) {
+  if (const char* e = check_features(p.a, p.b, p.a_stride, p.b_stride, p.n, p.d)) return e;
+  if (p.scale == nullptr || p.a_stats == nullptr || p.b_stats == nullptr || p.grad_a == nullptr)
+    return "fastclip contrastive_bwd: null scale, stats or output pointer";
+  if (p.d <= 128) return bwd_run<T, 128, 4, 1, 64, 2>(p, stream);
+  if (p.d <= 256) return bwd_run<T, 256, 4, 2, 32, 2>(p, stream);
+  if (p.d <= 512) return bwd_run<T, 512, 2, 4, 32, 2>(p, stream);
+  if (p.d <= 1024) return bwd_run<T, 1024, 2, 4, 16, 2>(p, stream);
+  return bwd_run<T, 2048, 1, 8, 16, 1>(p, stream);
+}
+
+}  // namespace contrastive_detail
+}  // namespace fastclip
