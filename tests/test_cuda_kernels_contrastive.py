@@ -173,9 +173,11 @@ def test_backward_both_roles(lib, n, d, scale, ls, sa_, sb_, kind):
         check_grad(got, x_bits, y, tx, sx, sy, n, kind, diag, uniform, tt)
 
 
-@pytest.mark.parametrize("d,kind", [(264, "fp16"), (512, "bf16"), (1024, "fp16"), (2048, "bf16")])
+@pytest.mark.parametrize("d,kind", [(264, "fp16"), (512, "bf16"), (776, "bf16"), (1024, "fp16"), (1288, "fp16"),
+                                    (2048, "bf16")])
 def test_backward_wide_configs(lib, d, kind):
-    # the 512-, 1024- and 2048-wide configs (4 or 8 warps splitting d; one b stage at 2048)
+    # the 512-, 1024- and 2048-wide configs (4 or 8 warps splitting d; one b stage at 2048); 776 and 1288 split d
+    # unevenly (slices of 208 x 3 + 160, 176 x 7 + 64)
     test_backward_both_roles(lib, 3, d, 30.0, 0.1, None, None, kind)
     test_backward_both_roles(lib, 17, d, 100.0, 0.0, None, d + 8, kind)
 

@@ -1,21 +1,21 @@
 // CLIP contrastive (InfoNCE) loss on tensor cores: templated kernels and launchers (contrastive.h is the contract).
 //
-// Forward (contrastive_fwd_kernel, 1 GEMM = 2 n^2 d FLOPs): a block owns BM = 16 * WARPS rows of image (warp w the
-// rows 16w..16w+15) and walks every BN-column block of text, starting at column block blockIdx.x mod #blocks so that
+// Forward (contrastive_fwd_kernel, 1 GEMM = 2 n^2 d FLOPs): a block owns BM = 16 * MT * WARPS rows of image (warp w
+// the MT m16 tiles from row 16 MT w) and walks every BN-column block of text, starting at column block blockIdx.x mod #blocks so that
 // concurrent blocks merge into different columns. Each (column block, BK-wide slice of d) step is staged in shared
 // memory by cp.async, double buffered across the flattened loop; S tiles come from ldmatrix + mma.m16n8k16 (image
 // rows = A row-major, text rows = B "col" directly, non-trans ldmatrix). Row (max, sum) statistics stay online in
-// registers; each tile's column (max, sum) is reduced over the warp's 16 rows by shuffles, over the warps through
+// registers; each tile's column (max, sum) is reduced over the warp's 16 MT rows by shuffles, over the warps through
 // shared memory, then merged into col_packed[j] by a 64-bit atomicCAS loop.
 //
 // Backward (contrastive_bwd_kernel, 2 GEMMs = 4 n^2 d FLOPs per launch, 8 n^2 d for both gradients): a block owns
 // BM = 16 * MW rows of a, kept in shared memory for the whole kernel; NW warps share each 16-row group and split d
-// into NW slices of DW = D_MAX / NW. For each BN-row tile of b (cp.async, STAGES buffers, whole d):
+// d evenly into NW slices of at most DW = D_MAX / NW (multiples of 16). For each BN-row tile of b (cp.async, STAGES buffers, whole d):
 //   GEMM1: warp (mw, nw) computes the partial S (16 x BN) over its own d slice (split-K); with NW > 1 the partials
 //          are summed through shared memory in a fixed order (deterministic), each warp getting the full 16 x BN S.
 //   ds:    in fp32 registers, ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform, rounded to T and used
 //          as the A operand of GEMM2 straight from the accumulator layout (two n8 C tiles = one k16 A tile).
-//   GEMM2: acc (16 x DW, registers) += ds (16 x BN) @ b_tile[:, slice] (B fragments by ldmatrix .trans).
+//   GEMM2: acc (16 x slice, registers) += ds (16 x BN) @ b_tile[:, slice] (B fragments by ldmatrix .trans).
 // Each warp only touches its own d slice of a and b, and the exp2 of the 16 x BN tile is done once per warp of the
 // row group (NW times per element; negligible next to the 4 d FLOPs per element of the two GEMMs).
 #pragma once
@@ -34,19 +34,19 @@ FC_DEVICE int imin(int a, int b) { return a < b ? a : b; }
 // ------------------------------------------------------------------------------------------------------------------
 // Forward
 
-template <int WARPS, int BN, int BK>
+template <int WARPS, int MT, int BN, int BK>
 struct FwdCfg {
-  static constexpr int BM = 16 * WARPS;
+  static constexpr int BM = 16 * MT * WARPS;           // MT m16 tiles per warp: each B fragment feeds MT mmas
   static constexpr int THREADS = 32 * WARPS;
   static constexpr int PITCH = BK + 8;                  // halves per smem row: +16 bytes, conflict-free ldmatrix
   static constexpr int STAGE = (BM + BN) * PITCH;       // halves per pipeline stage (image rows, then text rows)
   static constexpr int SMEM = 2 * STAGE * 2 + WARPS * BN * 2 * 4;  // 2 stages + per-warp column (max, sum)
-  static_assert(BN % 16 == 0 && BK % 16 == 0, "tile shape");
+  static_assert(BN % 16 == 0 && BK % 16 == 0 && BN <= THREADS, "tile shape");
 };
 
-template <class T, int WARPS, int BN, int BK>
+template <class T, int WARPS, int MT, int BN, int BK>
 FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFwdParams p) {
-  using C = FwdCfg<WARPS, BN, BK>;
+  using C = FwdCfg<WARPS, MT, BN, BK>;
   constexpr int BM = C::BM, PITCH = C::PITCH, STAGE = C::STAGE, NT = BN / 8;
   FC_DYNAMIC_SMEM(smem);
   uint16_t* sbuf = reinterpret_cast<uint16_t*>(smem);
@@ -62,6 +62,8 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
   const int cb0 = int(blockIdx.x) % ncb;
   const float scale2 = *p.scale * kLog2e;
   const float NEG_INF = neg_inf();
+  // this thread's rows: wrow + 16 mt + g (c = 0, 1) and + 8 (c = 2, 3)
+  const int wrow = row0 + warp * 16 * MT;
 
   auto load = [&](int it, int stage) {
     const int cb = (cb0 + it / nk) % ncb, k0 = (it % nk) * BK;
@@ -79,8 +81,15 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
     }
   };
 
-  float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
-  float acc[NT][4];
+  float m_r[MT][2], l_r[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m_r[mt][r] = NEG_INF;
+      l_r[mt][r] = 0.f;
+    }
+  float acc[MT][NT][4];
 
   load(0, 0);
   fc::cp_async_commit();
@@ -88,9 +97,11 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
     const int kk = it % nk;
     if (kk == 0) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[nt][c] = 0.f;
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
     }
     fc::cp_async_wait<0>();
     fc::sync_threads();  // stage it&1 is complete for everyone; everyone is done reading stage (it+1)&1
@@ -101,57 +112,71 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
     const uint16_t* sb = sa + BM * PITCH;
     const int ksteps = imin(BK, d16 - kk * BK) / 16;
     for (int ks = 0; ks < ksteps; ++ks) {
-      uint32_t af[4];
-      fc::ldmatrix_x4(af, sa + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PITCH + ks * 16 + (lane >> 4) * 8);
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        fc::ldmatrix_x4(af[mt], sa + ((warp * MT + mt) * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PITCH + ks * 16 +
+                                    (lane >> 4) * 8);
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t bf[4];
         fc::ldmatrix_x4(bf, sb + (np * 16 + (lane & 7) + (lane >> 4) * 8) * PITCH + ks * 16 + ((lane >> 3) & 1) * 8);
         const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-        fc::mma_16816<T>(acc[2 * np], af, b0);
-        fc::mma_16816<T>(acc[2 * np + 1], af, b1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          fc::mma_16816<T>(acc[mt][2 * np], af[mt], b0);
+          fc::mma_16816<T>(acc[mt][2 * np + 1], af[mt], b1);
+        }
       }
     }
     if (kk != nk - 1) continue;
 
-    // ---- epilogue of column block cb: base-2 logits, masked
+    // ---- epilogue of column block cb: base-2 logits, masked (t = -inf outside the n x n matrix)
     const int cb = (cb0 + it / nk) % ncb, col0 = cb * BN;
-    const int ra = row0 + warp * 16 + g;  // rows ra (c = 0, 1) and ra + 8 (c = 2, 3)
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int row = ra + (c >= 2 ? 8 : 0), col = col0 + nt * 8 + 2 * tq + (c & 1);
-        acc[nt][c] = (row < n && col < n) ? acc[nt][c] * scale2 : NEG_INF;
-      }
-    // row statistics (online; the max is quad-uniform, the sum stays a per-thread partial)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = NEG_INF;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc[nt][2 * r], acc[nt][2 * r + 1]));
-      mx = fc::warp_reduce_max4(mx);
-      const float m_new = fmaxf(m_r[r], mx);
-      const float m_use = m_new == NEG_INF ? 0.f : m_new;  // rows past n see only -inf
-      float s = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
-        s += fc::exp2_approx(acc[nt][2 * r] - m_use) + fc::exp2_approx(acc[nt][2 * r + 1] - m_use);
-      l_r[r] = l_r[r] * fc::exp2_approx(m_r[r] - m_use) + s;
-      m_r[r] = m_new;
-    }
-    // column statistics over this warp's 16 rows: lanes with the same tq hold the same columns
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int row = wrow + mt * 16 + g + (c >= 2 ? 8 : 0), col = col0 + nt * 8 + 2 * tq + (c & 1);
+          acc[mt][nt][c] = (row < n && col < n) ? acc[mt][nt][c] * scale2 : NEG_INF;
+        }
+    // row statistics (online; the max is quad-uniform, the sum stays a per-thread partial)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc[mt][nt][2 * r], acc[mt][nt][2 * r + 1]));
+        mx = fc::warp_reduce_max4(mx);
+        const float m_new = fmaxf(m_r[mt][r], mx);
+        const float m_use = m_new == NEG_INF ? 0.f : m_new;  // rows past n see only -inf
+        float s = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          s += fc::exp2_approx(acc[mt][nt][2 * r] - m_use) + fc::exp2_approx(acc[mt][nt][2 * r + 1] - m_use);
+        l_r[mt][r] = l_r[mt][r] * fc::exp2_approx(m_r[mt][r] - m_use) + s;
+        m_r[mt][r] = m_new;
+      }
+    // column statistics over this warp's 16 MT rows: the 2 MT values of a column in this thread, then the 8 lanes
+    // with the same tq (xor 4, 8, 16)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float v0 = acc[nt][e], v1 = acc[nt][e + 2];
-        float cm = fmaxf(v0, v1);
+        float cm = NEG_INF;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) cm = fmaxf(cm, fmaxf(acc[mt][nt][e], acc[mt][nt][e + 2]));
         cm = fmaxf(cm, fc::shfl_xor(cm, 4));
         cm = fmaxf(cm, fc::shfl_xor(cm, 8));
         cm = fmaxf(cm, fc::shfl_xor(cm, 16));
-        const float cm_use = cm == NEG_INF ? 0.f : cm;
-        float cs = fc::exp2_approx(v0 - cm_use) + fc::exp2_approx(v1 - cm_use);
+        const float cm_use = cm == NEG_INF ? 0.f : cm;  // a warp whose rows are all past n
+        float cs = 0.f;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          cs += fc::exp2_approx(acc[mt][nt][e] - cm_use) + fc::exp2_approx(acc[mt][nt][e + 2] - cm_use);
         cs += fc::shfl_xor(cs, 4);
         cs += fc::shfl_xor(cs, 8);
         cs += fc::shfl_xor(cs, 16);
@@ -172,6 +197,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
 #pragma unroll
       for (int w = 0; w < WARPS; ++w)
         S += scol[(w * BN + tid) * 2 + 1] * fc::exp2_approx(scol[(w * BN + tid) * 2] - M_use);
+      // merge (M, S) into the column's packed (max, sum): 64-bit CAS loop (the first guess may be stale)
       unsigned long long* addr = p.col_packed + (col0 + tid);
       unsigned long long old = *reinterpret_cast<volatile unsigned long long*>(addr);
       while (true) {
@@ -190,14 +216,16 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
   fc::cp_async_wait<0>();  // the last (empty) group
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = fc::warp_reduce_sum4(l_r[r]);
-    const int row = row0 + warp * 16 + g + 8 * r;
-    if (tq == 0 && row < n) {
-      p.row_max[row] = m_r[r];
-      p.row_sum[row] = l;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = fc::warp_reduce_sum4(l_r[mt][r]);
+      const int row = wrow + mt * 16 + g + 8 * r;
+      if (tq == 0 && row < n) {
+        p.row_max[row] = m_r[mt][r];
+        p.row_sum[row] = l;
+      }
     }
-  }
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -235,7 +263,10 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
   const int cpr = d16 / 8;  // 16-byte chunks per row actually used
   const float scale2 = *p.scale * kLog2e;
   const float diag = p.diag_coef, uniform = p.uniform_coef;
-  const int k_lo = nw * DW, k_hi = imin(k_lo + DW, d16);  // this warp's d slice (k of GEMM1, n of GEMM2)
+  // this warp's d slice (k of GEMM1, n of GEMM2): d16 split evenly in multiples of 16 (at most DW), so that no warp
+  // idles when d is well below D_MAX (d = 768 in the 1024-wide config: 4 slices of 192)
+  const int w16 = ((d16 / 16 + NW - 1) / NW) * 16;
+  const int k_lo = imin(nw * w16, d16), k_hi = imin(k_lo + w16, d16);
 
   // rows of a: resident for the whole kernel
   for (int c = tid; c < BM * cpr; c += C::THREADS) {
@@ -335,7 +366,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
         }
       }
 
-    // ---- GEMM2: acc (16 x DW) += ds (16 x BN) @ b_tile[:, k_lo : k_lo + DW]
+    // ---- GEMM2: acc (16 x slice) += ds (16 x BN) @ b_tile[:, k_lo : k_hi]
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       const uint32_t af[4] = {
@@ -343,7 +374,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
           fc::Cvt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), fc::Cvt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
       for (int np = 0; np < NO / 2; ++np) {
-        if (k_lo + np * 16 >= d) break;  // warp-uniform: the rest of the slice is past d
+        if (k_lo + np * 16 >= k_hi) break;  // warp-uniform: the rest of the slice is past d or another warp's
         uint32_t bf[4];
         fc::ldmatrix_x4_trans(bf, sb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PITCH + k_lo + np * 16 +
                                       (lane >> 4) * 8);
@@ -367,7 +398,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = ra + 8 * r, col = k_lo + o * 8 + 2 * tq;
-      if (row < n && col < d) {
+      if (row < n && col < k_hi && col < d) {
         float* dst = p.grad_a + int64_t(row) * d + col;
         dst[0] = acc[o][2 * r];
         dst[1] = acc[o][2 * r + 1];
@@ -390,8 +421,8 @@ inline const char* check_features(const uint16_t* a, const uint16_t* b, int64_t 
   return nullptr;
 }
 
-// forward tiles: 128 x 64 logits per step, 8 warps (16 rows each), d in slices of 64
-constexpr int kFwdWarps = 8, kFwdBN = 64, kFwdBK = 64;
+// forward tiles: 128 x 64 logits per step, 4 warps (32 rows each), d in slices of 64
+constexpr int kFwdWarps = 4, kFwdMT = 2, kFwdBN = 64, kFwdBK = 64;
 
 template <class T>
 const char* fwd_launch(const ContrastiveFwdParams& p, void* stream) {
@@ -399,9 +430,9 @@ const char* fwd_launch(const ContrastiveFwdParams& p, void* stream) {
   if (p.scale == nullptr || p.row_max == nullptr || p.row_sum == nullptr || p.col_packed == nullptr)
     return "fastclip contrastive_fwd: null scale or output pointer";
   if ((reinterpret_cast<uintptr_t>(p.col_packed) & 7) != 0) return "fastclip contrastive_fwd: col_packed must be 8-byte aligned";
-  using C = FwdCfg<kFwdWarps, kFwdBN, kFwdBK>;
+  using C = FwdCfg<kFwdWarps, kFwdMT, kFwdBN, kFwdBK>;
   const unsigned grid = unsigned((p.n + C::BM - 1) / C::BM);
-  fc::Error err = fc::launch(contrastive_fwd_kernel<T, kFwdWarps, kFwdBN, kFwdBK>, fc::Dim3{grid, 1, 1},
+  fc::Error err = fc::launch(contrastive_fwd_kernel<T, kFwdWarps, kFwdMT, kFwdBN, kFwdBK>, fc::Dim3{grid, 1, 1},
                              fc::Dim3{unsigned(C::THREADS), 1, 1}, C::SMEM, static_cast<fc::Stream>(stream), p);
   return err == fc::kSuccess ? nullptr : fc::error_string(err);
 }
