@@ -28,7 +28,7 @@ namespace attn_detail {
 template <int D_PAD>
 struct BwdCfg {
   static constexpr int BN = 64, WARPS = 4, THREADS = 128;
-  static constexpr int BM = D_PAD <= 64 ? 64 : 32;
+  static constexpr int BM = D_PAD <= 64 ? 64 : D_PAD <= 96 ? 32 : 16;
   static constexpr int LD = D_PAD + 8, LDS = BM + 8;
   static constexpr int WM = BM / 16;        // row groups of the dQ tile
   static constexpr int WD = WARPS / WM;     // column parts of the dQ tile
@@ -151,7 +151,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_bwd_kernel(const AttnBwdParams p, flo
       for (int i = 0; i < MT; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
-#pragma unroll
+#pragma unroll 1
       for (int kk = 0; kk < KT; ++kk) {
         uint32_t ka[4], va[4];
         fc::ldmatrix_x4(ka, sK + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);

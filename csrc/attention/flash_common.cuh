@@ -20,14 +20,24 @@ struct alignas(16) Vec16 {  // 16 bytes moved by one load/store
 template <int ROWS, int D_PAD, int LD, int NTHREADS>
 FC_DEVICE void load_tile_async(uint16_t* s, const uint16_t* g, int64_t row_stride, int rows_valid, int d, int tid,
                                const uint16_t* any_valid) {
-  constexpr int CPR = D_PAD / 8;  // 16-byte chunks per row
-  static_assert((ROWS * CPR) % NTHREADS == 0, "tile chunks must divide among the threads");
+  // Thread tid copies column chunk (tid % CPR2) of rows tid / CPR2 + i * RSTEP, where CPR2 >= D_PAD / 8 is a power
+  // of two (chunks >= D_PAD / 8 are no-ops): per-thread addresses then advance by a constant, which keeps ptxas from
+  // holding one 64-bit address per unrolled copy across the main loops.
+  constexpr int CPR = D_PAD / 8;
+  constexpr int CPR2 = CPR <= 4 ? 4 : CPR <= 8 ? 8 : 16;
+  constexpr int RSTEP = NTHREADS / CPR2;
+  static_assert(CPR <= 16 && NTHREADS % CPR2 == 0 && ROWS % RSTEP == 0, "tile copy layout");
+  const int r0 = tid / CPR2, k = (tid % CPR2) * 8;
+  if (CPR2 != CPR && k >= D_PAD) return;
+  const bool col_ok = k < d;
+  const uint16_t* src = g + r0 * row_stride + k;
+  const int64_t step = RSTEP * row_stride;
+  uint16_t* dst = s + r0 * LD + k;
 #pragma unroll
-  for (int i = 0; i < ROWS * CPR / NTHREADS; ++i) {
-    const int c = tid + i * NTHREADS;
-    const int r = c / CPR, k = (c % CPR) * 8;
-    const bool pred = r < rows_valid && k < d;
-    fc::cp_async_16(s + r * LD + k, pred ? g + r * row_stride + k : any_valid, pred);
+  for (int i = 0; i < ROWS / RSTEP; ++i) {
+    const bool pred = col_ok && r0 + i * RSTEP < rows_valid;
+    fc::cp_async_16(dst + i * RSTEP * LD, pred ? src : any_valid, pred);
+    src += step;
   }
 }
 
