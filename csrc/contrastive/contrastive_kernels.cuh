@@ -16,8 +16,10 @@
 //   ds:    in fp32 registers, ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform, rounded to T and used
 //          as the A operand of GEMM2 straight from the accumulator layout (two n8 C tiles = one k16 A tile).
 //   GEMM2: acc (16 x slice, registers) += ds (16 x BN) @ b_tile[:, slice] (B fragments by ldmatrix .trans).
-// Each warp only touches its own d slice of a and b, and the exp2 of the 16 x BN tile is done once per warp of the
-// row group (NW times per element; negligible next to the 4 d FLOPs per element of the two GEMMs).
+// Each warp only touches its own d slice of a and b. ds: with NW == 1 it stays in registers; with NW > 1 and
+// BN / NW >= 8 (the 256- and 512-wide configs) each warp of the row group forms BN / NW of its columns and they trade
+// them as T through shared memory (ldmatrix A fragments); in the 1024- and 2048-wide configs (BN = 16 < 8 NW) every
+// warp forms the whole 16 x BN ds itself (NW-fold exp2 work, 16 exp2 per 8 d = 8192 FLOPs at d = 2048).
 #pragma once
 
 #include "../common/device.cuh"
@@ -241,7 +243,12 @@ struct BwdCfg {
   static constexpr int SA = BM * PITCH;    // halves
   static constexpr int SB = BN * PITCH;    // halves per stage
   static constexpr int PART = NW > 1 ? WARPS * (BN / 8) * 4 * 32 : 0;  // floats: partial S in fragment order
-  static constexpr int SMEM = (SA + STAGES * SB) * 2 + PART * 4;
+  // SHARE: each of the NW warps of a row group forms ds for BN / NW of the columns and they exchange it (as T)
+  // through shared memory; otherwise (NW == 1, or BN / NW < 8) every warp forms the row group's whole 16 x BN ds
+  static constexpr bool SHARE = NW > 1 && BN / NW >= 8 && (BN / 8) % NW == 0;
+  static constexpr int DSP = BN + 8;  // halves per row of the shared ds tile
+  static constexpr int SDS = SHARE ? BM * DSP : 0;
+  static constexpr int SMEM = (SA + STAGES * SB) * 2 + PART * 4 + SDS * 2;
   static_assert(BN % 16 == 0 && DW % 16 == 0 && (STAGES == 1 || STAGES == 2), "tile shape");
 };
 
@@ -253,6 +260,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
   uint16_t* sa = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sbuf = sa + C::SA;
   float* spart = reinterpret_cast<float*>(smem + (C::SA + STAGES * C::SB) * 2);
+  uint16_t* sds = reinterpret_cast<uint16_t*>(spart + C::PART);
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
   const int mw = warp / NW, nw = warp % NW;
@@ -329,49 +337,86 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
         fc::mma_16816<T>(s[2 * np + 1], af, b1);
       }
     }
-    if (NW > 1) {  // sum the NW partials of this row group, in a fixed order
+    // ---- ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform in fp32, 0 outside the n x n matrix
+    const int col0 = cb * BN;
+    auto ds_of = [&](float sv, int r, int row, int col, bool cvalid, float mb, float lb) {
+      const float t = sv * scale2;
+      const float v = fc::exp2_approx((t - ma[r]) - la[r]) + fc::exp2_approx((t - mb) - lb) -
+                      (row == col ? diag : 0.f) - uniform;
+      return (cvalid && row < n) ? v : 0.f;
+    };
+    if (NW > 1) {  // publish this warp's partial S (its d slice) for the row group
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) spart[((warp * NT + nt) * 4 + c) * 32 + lane] = s[nt][c];
       fc::sync_threads();
+      // (spart is next written after the next iteration's sync_threads)
+    }
+    if constexpr (C::SHARE) {
+      // this warp forms the n8 tiles [nw CT, (nw + 1) CT) of the row group's ds, summing the NW partials in a fixed
+      // order, and stores them rounded to T in sds (rows mw * 16 .., BN + 8 halves apart)
+      constexpr int CT = NT / NW;
+#pragma unroll
+      for (int ct = 0; ct < CT; ++ct) {
+        const int nt = nw * CT + ct;
+        float v[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          v[c] = 0.f;
+#pragma unroll
+          for (int w = 0; w < NW; ++w) v[c] += spart[(((mw * NW + w) * NT + nt) * 4 + c) * 32 + lane];
+        }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + nt * 8 + 2 * tq + e;
+          const bool cvalid = col < n;
+          const float mb = cvalid ? p.b_stats[col] : 0.f, lb = cvalid ? p.b_stats[n + col] : 0.f;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) v[2 * r + e] = ds_of(v[2 * r + e], r, ra + 8 * r, col, cvalid, mb, lb);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<uint32_t*>(sds + (mw * 16 + g + 8 * r) * C::DSP + nt * 8 + 2 * tq) =
+              fc::Cvt<T>::pack2(v[2 * r], v[2 * r + 1]);
+      }
+      fc::sync_threads();  // (sds is next written after the next iteration's two sync_threads)
+    } else {
+      if (NW > 1) {  // every warp of the row group sums the NW partials, in a fixed order
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < NW; ++w) v += spart[(((mw * NW + w) * NT + nt) * 4 + c) * 32 + lane];
+            s[nt][c] = v;
+          }
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          float v = 0.f;
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + nt * 8 + 2 * tq + e;
+          const bool cvalid = col < n;
+          const float mb = cvalid ? p.b_stats[col] : 0.f, lb = cvalid ? p.b_stats[n + col] : 0.f;
 #pragma unroll
-          for (int w = 0; w < NW; ++w) v += spart[(((mw * NW + w) * NT + nt) * 4 + c) * 32 + lane];
-          s[nt][c] = v;
+          for (int r = 0; r < 2; ++r) s[nt][2 * r + e] = ds_of(s[nt][2 * r + e], r, ra + 8 * r, col, cvalid, mb, lb);
         }
-      // (spart is next written after the next iteration's sync_threads)
     }
 
-    // ---- ds in fp32, masked, then rounded to T as GEMM2's A fragments
-    const int col0 = cb * BN;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = col0 + nt * 8 + 2 * tq + e;
-        const bool cvalid = col < n;
-        const float mb = cvalid ? p.b_stats[col] : 0.f, lb = cvalid ? p.b_stats[n + col] : 0.f;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = ra + 8 * r;
-          const float t = s[nt][2 * r + e] * scale2;
-          float v = fc::exp2_approx((t - ma[r]) - la[r]) + fc::exp2_approx((t - mb) - lb) -
-                    (row == col ? diag : 0.f) - uniform;
-          s[nt][2 * r + e] = (cvalid && row < n) ? v : 0.f;
-        }
-      }
-
-    // ---- GEMM2: acc (16 x slice) += ds (16 x BN) @ b_tile[:, k_lo : k_hi]
+    // ---- GEMM2: acc (16 x slice) += ds (16 x BN, rounded to T) @ b_tile[:, k_lo : k_hi]
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t af[4] = {
-          fc::Cvt<T>::pack2(s[2 * kk][0], s[2 * kk][1]), fc::Cvt<T>::pack2(s[2 * kk][2], s[2 * kk][3]),
-          fc::Cvt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), fc::Cvt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t af[4];
+      if constexpr (C::SHARE) {
+        fc::ldmatrix_x4(af, sds + (mw * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * C::DSP + kk * 16 + (lane >> 4) * 8);
+      } else {  // the C fragments of n8 tiles 2kk and 2kk+1 are the A fragment of k16 step kk
+        af[0] = fc::Cvt<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+        af[1] = fc::Cvt<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+        af[2] = fc::Cvt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        af[3] = fc::Cvt<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int np = 0; np < NO / 2; ++np) {
         if (k_lo + np * 16 >= k_hi) break;  // warp-uniform: the rest of the slice is past d or another warp's
