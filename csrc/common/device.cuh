@@ -36,6 +36,8 @@ struct Dim3 {
 #define FC_GLOBAL __global__
 #define FC_DEVICE __device__ __forceinline__
 #define FC_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+// with a minimum of resident blocks per SM: (n, 1) also stops ptxas from spilling to reach a higher occupancy
+#define FC_LAUNCH_BOUNDS_MIN(n, m) __launch_bounds__(n, m)
 // Dynamic shared memory, 128-byte aligned: FC_DYNAMIC_SMEM(smem) declares `unsigned char* smem`.
 #define FC_DYNAMIC_SMEM(name)                                      \
   extern __shared__ __align__(128) unsigned char fc_dyn_smem_[];  \

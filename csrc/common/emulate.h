@@ -26,6 +26,7 @@
 #define FC_GLOBAL
 #define FC_DEVICE inline
 #define FC_LAUNCH_BOUNDS(n)
+#define FC_LAUNCH_BOUNDS_MIN(n, m)
 #define FC_DYNAMIC_SMEM(name) unsigned char* name = ::fc_emu::ctx().blk->smem
 #ifndef __restrict__
 #define __restrict__
