@@ -255,3 +255,20 @@ def test_launcher_validation(lib):
     # a valid call still works after all that
     sc[0] = 1.0
     assert f(P(x), d + 8, n, d) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_sweep(lib, kind):
+    """Tile-multiple and random shapes (n up to 256, n^2 d up to ~1e6), forward and both gradients."""
+    rng = np.random.default_rng(12345)
+    shapes = [(64, 64), (128, 128), (256, 16), (64, 256), (32, 512), (16, 1024), (16, 2048)]
+    while len(shapes) < 11:
+        d = 8 * int(rng.integers(1, 257))
+        n = int(rng.integers(1, max(2, min(300, int(np.sqrt(1e6 / d))))))
+        shapes.append((n, d))
+    for n, d in shapes:
+        scale = float(rng.choice([1.0, 30.0, 100.0]))
+        stride = d + 8 * int(rng.integers(0, 3))
+        test_forward_stats(lib, n, d, scale, stride, None, kind)
+        test_backward_both_roles(lib, n, d, scale, float(rng.choice([0.0, 0.1])), None, stride, kind)
