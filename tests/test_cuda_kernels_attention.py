@@ -85,8 +85,11 @@ class Case:
                 kp[b, sk - n:sk] = 1
             kp[:, sk:] = 7  # past sk: must never be read as a mask
             self.kp = kp
-        self.dout_bits = emulator.to_bits(rng.standard_normal((B, sq, H, d)), kind)
-        self.dout = torch.from_numpy(emulator.from_bits(self.dout_bits, kind))
+        dout = np.full((B, sq, H, d + 8), np.nan, dtype=np.float32)  # strided too, NaN in the gap
+        dout[..., :d] = rng.standard_normal((B, sq, H, d))
+        self.dout_bits = emulator.to_bits(dout, kind)
+        self.dout_str = _strides(sq * H * (d + 8), H * (d + 8), d + 8)
+        self.dout = torch.from_numpy(emulator.from_bits(self.dout_bits[..., :d], kind))
 
     def fwd_args(self):
         return (int(self.kind == "bf16"), emulator.ptr(self.q_bits), emulator.ptr(self.k_bits),
@@ -120,9 +123,8 @@ class Case:
         nbytes = lib.fc_flash_bwd_workspace(B, H, sq, sk, d)
         ws = emulator.aligned_empty((nbytes // 4,), np.float32, align=256)
         ws[...] = np.nan  # the kernel must not rely on any initial content
-        dout_str = _strides(sq * H * d, H * d, d)
         err = lib.fc_flash_bwd(*self.fwd_args(), emulator.ptr(self.o_bits), emulator.ptr(self.o_str),
-                               emulator.ptr(self.lse_out), emulator.ptr(self.dout_bits), emulator.ptr(dout_str),
+                               emulator.ptr(self.lse_out), emulator.ptr(self.dout_bits), emulator.ptr(self.dout_str),
                                *(emulator.ptr(a) for a in outs), emulator.ptr(ws))
         assert err is None, err
         return [torch.from_numpy(emulator.from_bits(a, self.kind)) for a in outs]
@@ -278,11 +280,9 @@ def test_launcher_validation(lib):
     case.run_fwd(lib)
     outs = [emulator.aligned_empty((1, 8, 1, 64), np.uint16) for _ in range(3)]
     ws = emulator.aligned_empty((lib.fc_flash_bwd_workspace(1, 1, 8, 8, 64) // 4 + 64,), np.float32, align=256)
-    dstr = _strides(8 * 64, 64, 64)
-
     def bwd(ws_ptr, dq_ptr):
         return lib.fc_flash_bwd(*case.fwd_args(), emulator.ptr(case.o_bits), emulator.ptr(case.o_str),
-                                emulator.ptr(case.lse_out), emulator.ptr(case.dout_bits), emulator.ptr(dstr), dq_ptr,
+                                emulator.ptr(case.lse_out), emulator.ptr(case.dout_bits), emulator.ptr(case.dout_str), dq_ptr,
                                 emulator.ptr(outs[1]), emulator.ptr(outs[2]), ws_ptr)
 
     assert bwd(emulator.ptr(ws), emulator.ptr(outs[0])) is None

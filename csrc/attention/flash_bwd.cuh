@@ -44,8 +44,27 @@ inline size_t bwd_workspace_bytes(const AttnBwdParams& p) {
   return align256(rows * size_t(p.fwd.d) * 4) + align256(rows * 4);
 }
 
+// Query tile m of one (b, h) -> buffer buf: Q and dO by cp.async, lse (as lse * log2 e, +inf for a row that must
+// contribute nothing) and delta by plain stores.
+template <int BM, int D_PAD, int LD, int THREADS>
+FC_DEVICE void bwd_load_query_tile(int m, int buf, uint16_t* sQ, uint16_t* sdO, float* sLse, float* sDelta,
+                                   const uint16_t* q, int64_t q_rs, const uint16_t* dout, int64_t do_rs,
+                                   const float* lse, const float* delta, int sq, int d, int tid,
+                                   const uint16_t* q_any, const uint16_t* do_any) {
+  const int r0 = m * BM;
+  load_tile_async<BM, D_PAD, LD, THREADS>(sQ + buf * BM * LD, q + int64_t(r0) * q_rs, q_rs, sq - r0, d, tid, q_any);
+  load_tile_async<BM, D_PAD, LD, THREADS>(sdO + buf * BM * LD, dout + int64_t(r0) * do_rs, do_rs, sq - r0, d, tid,
+                                          do_any);
+  for (int i = tid; i < BM; i += THREADS) {
+    const int row = r0 + i;
+    const float l = row < sq ? lse[row] : -kInf;
+    sLse[buf * BM + i] = l == -kInf ? kInf : l * kLog2e;
+    sDelta[buf * BM + i] = row < sq ? delta[row] : 0.f;
+  }
+}
+
 template <class T, int D_PAD>
-FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_bwd_kernel(const AttnBwdParams p, float* ws_dq, float* ws_delta) {
+FC_GLOBAL void FC_LAUNCH_BOUNDS_MIN(128, 1) flash_bwd_kernel(const AttnBwdParams p, float* ws_dq, float* ws_delta) {
   using C = BwdCfg<D_PAD>;
   constexpr int BM = C::BM, BN = C::BN, LD = C::LD, LDS = C::LDS, THREADS = C::THREADS;
   constexpr int KT = D_PAD / 16, DT = D_PAD / 8, MT = BM / 8, DQT = C::DQC / 8;
@@ -93,21 +112,6 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_bwd_kernel(const AttnBwdParams p, flo
   }
   fc::sync_threads();
 
-  // query tile m -> buffer buf (cp.async for Q, dO; plain stores for the row statistics)
-  auto load_query_tile = [&](int m, int buf) {
-    const int r0 = m * BM;
-    load_tile_async<BM, D_PAD, LD, THREADS>(sQ + buf * BM * LD, q + int64_t(r0) * f.q_str.s, f.q_str.s, sq - r0, d,
-                                            tid, f.q);
-    load_tile_async<BM, D_PAD, LD, THREADS>(sdO + buf * BM * LD, dout + int64_t(r0) * p.dout_str.s, p.dout_str.s,
-                                            sq - r0, d, tid, p.dout);
-    for (int i = tid; i < BM; i += THREADS) {
-      const int row = r0 + i;
-      const float l = row < sq ? lse[row] : -kInf;
-      sLse[buf * BM + i] = l == -kInf ? kInf : l * kLog2e;
-      sDelta[buf * BM + i] = row < sq ? delta[row] : 0.f;
-    }
-  };
-
   const int n_kblocks = (sk + BN - 1) / BN, m_blocks = (sq + BM - 1) / BM;
   for (int n = 0; n < n_kblocks; ++n) {
     const int n0 = n * BN;
@@ -130,12 +134,12 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_bwd_kernel(const AttnBwdParams p, flo
     if (m_begin < m_blocks) {
       load_tile_async<BN, D_PAD, LD, THREADS>(sK, k + int64_t(n0) * f.k_str.s, f.k_str.s, sk - n0, d, tid, f.k);
       load_tile_async<BN, D_PAD, LD, THREADS>(sV, v + int64_t(n0) * f.v_str.s, f.v_str.s, sk - n0, d, tid, f.v);
-      load_query_tile(m_begin, 0);
+      bwd_load_query_tile<BM, D_PAD, LD, THREADS>(m_begin, 0, sQ, sdO, sLse, sDelta, q, f.q_str.s, dout, p.dout_str.s, lse, delta, sq, d, tid, f.q, p.dout);
       fc::cp_async_commit();
     }
     for (int m = m_begin; m < m_blocks; ++m) {
       const int buf = (m - m_begin) & 1;
-      if (m + 1 < m_blocks) load_query_tile(m + 1, buf ^ 1);
+      if (m + 1 < m_blocks) bwd_load_query_tile<BM, D_PAD, LD, THREADS>(m + 1, buf ^ 1, sQ, sdO, sLse, sDelta, q, f.q_str.s, dout, p.dout_str.s, lse, delta, sq, d, tid, f.q, p.dout);
       fc::cp_async_commit();
       fc::cp_async_wait<1>();
       fc::sync_threads();

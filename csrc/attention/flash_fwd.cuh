@@ -1,8 +1,9 @@
 // Flash attention forward (FlashAttention-2 on mma.sync m16n8k16): templated kernel and launcher.
 //
 // Grid (B*H, ceil(sq / 64)), 4 warps; warp w owns query rows 16w..16w+15 of the block's 64. The Q tile's A fragments
-// stay in registers; key/value tiles of 64 rows are double-buffered in shared memory by cp.async (row pitch
-// D_PAD + 8 elements, so the 8 rows of an ldmatrix hit 8 distinct 16-byte bank groups). Per key block:
+// stay in registers (the tile passes through K's second buffer first); key/value tiles of 64 rows are double-buffered
+// in shared memory by cp.async (row pitch D_PAD + 8 elements, so the 8 rows of an ldmatrix hit 8 distinct 16-byte
+// bank groups). Per key block:
 //   S = Q K^T (K rows are the B fragments, plain ldmatrix), x = S * scale * log2(e), masked entries -inf
 //   (key >= sk, key padding, causal key > query; causal blocks wholly past the diagonal are never visited),
 //   online softmax in base 2 (quad shuffles), P packed from the accumulators straight into A fragments,
@@ -21,7 +22,8 @@ template <int D_PAD>
 struct FwdCfg {
   static constexpr int BM = 64, BN = 64, WARPS = 4, THREADS = 128;
   static constexpr int LD = D_PAD + 8;
-  static constexpr int SMEM = (BM + 4 * BN) * LD * 2;  // Q, 2 x K, 2 x V
+  static constexpr int SMEM = 4 * BN * LD * 2;  // 2 x K, 2 x V; Q (and the O staging) alias K's second buffer
+  static_assert(BM <= BN, "the Q tile lives in a K buffer");
 };
 
 template <class T, int D_PAD>
@@ -32,9 +34,9 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_fwd_kernel(const AttnFwdParams p) {
   constexpr int NT = BN / 8;      // n8 tiles of S
   constexpr int DT = D_PAD / 8;   // n8 tiles of O
   FC_DYNAMIC_SMEM(smem);
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* sK = sQ + BM * LD;      // 2 buffers
-  uint16_t* sV = sK + 2 * BN * LD;  // 2 buffers
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem);  // 2 buffers
+  uint16_t* sV = sK + 2 * BN * LD;                     // 2 buffers
+  uint16_t* sQ = sK + BN * LD;  // K buffer 1: read into registers before the first prefetch overwrites it
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int bh = int(blockIdx.x), m_block = int(blockIdx.y);
@@ -67,6 +69,14 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_fwd_kernel(const AttnFwdParams p) {
   const int row_lo = m0 + warp * 16 + g;  // this thread's rows: row_lo, row_lo + 8
 
   for (int n = 0; n < n_blocks; ++n) {
+    if (n == 0) {  // Q fragments to registers, then K buffer 1 is free for the prefetch
+      fc::cp_async_wait<0>();
+      fc::sync_threads();
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk)
+        fc::ldmatrix_x4(qf[kk], sQ + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+      fc::sync_threads();
+    }
     if (n + 1 < n_blocks) {
       const int nxt = (n + 1) * BN, buf = (n + 1) & 1;
       load_tile_async<BN, D_PAD, LD, THREADS>(sK + buf * BN * LD, k + int64_t(nxt) * p.k_str.s, p.k_str.s, sk - nxt,
@@ -77,11 +87,6 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_fwd_kernel(const AttnFwdParams p) {
     fc::cp_async_commit();
     fc::cp_async_wait<1>();
     fc::sync_threads();
-    if (n == 0) {
-#pragma unroll
-      for (int kk = 0; kk < KT; ++kk)
-        fc::ldmatrix_x4(qf[kk], sQ + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
-    }
     const uint16_t* kb = sK + (n & 1) * BN * LD;
     const uint16_t* vb = sV + (n & 1) * BN * LD;
 
