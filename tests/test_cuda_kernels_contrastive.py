@@ -252,6 +252,8 @@ def test_launcher_validation(lib):
                                   P(stats), 2.0, 0.0, P(grad)) is not None
     assert lib.fc_contrastive_bwd(1, P(x), P(x), d + 8, d + 8, n, d, P(sc), P(stats), P(stats), 2.0, 0.0,
                                   None) is not None
+    assert b"8-byte" in lib.fc_contrastive_bwd(1, P(x), P(x), d + 8, d + 8, n, d, P(sc), P(stats), P(stats), 2.0, 0.0,
+                                               ctypes.c_void_p(grad.ctypes.data + 4))
     # a valid call still works after all that
     sc[0] = 1.0
     assert f(P(x), d + 8, n, d) is None

@@ -32,6 +32,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 FC_DEVICE float neg_inf() { return fc::bits_to_float(0xff800000u); }
 FC_DEVICE int imin(int a, int b) { return a < b ? a : b; }
+struct alignas(8) Float2 {  // one 8-byte store (st.global.v2.f32)
+  float x, y;
+};
 
 // ------------------------------------------------------------------------------------------------------------------
 // Forward
@@ -444,9 +447,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
     for (int r = 0; r < 2; ++r) {
       const int row = ra + 8 * r, col = k_lo + o * 8 + 2 * tq;
       if (row < n && col < k_hi && col < d) {
-        float* dst = p.grad_a + int64_t(row) * d + col;
-        dst[0] = acc[o][2 * r];
-        dst[1] = acc[o][2 * r + 1];
+        *reinterpret_cast<Float2*>(p.grad_a + int64_t(row) * d + col) = Float2{acc[o][2 * r], acc[o][2 * r + 1]};
       }
     }
 }
@@ -498,6 +499,7 @@ const char* bwd_launch(const ContrastiveBwdParams& p, void* stream) {
   if (const char* e = check_features(p.a, p.b, p.a_stride, p.b_stride, p.n, p.d)) return e;
   if (p.scale == nullptr || p.a_stats == nullptr || p.b_stats == nullptr || p.grad_a == nullptr)
     return "fastclip contrastive_bwd: null scale, stats or output pointer";
+  if ((reinterpret_cast<uintptr_t>(p.grad_a) & 7) != 0) return "fastclip contrastive_bwd: grad_a must be 8-byte aligned";
   if (p.d <= 128) return bwd_run<T, 128, 4, 1, 64, 2>(p, stream);
   if (p.d <= 256) return bwd_run<T, 256, 4, 2, 32, 2>(p, stream);
   if (p.d <= 512) return bwd_run<T, 512, 2, 4, 32, 2>(p, stream);
