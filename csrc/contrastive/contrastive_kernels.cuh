@@ -1,25 +1,28 @@
 // CLIP contrastive (InfoNCE) loss on tensor cores: templated kernels and launchers (contrastive.h is the contract).
 //
-// Forward (contrastive_fwd_kernel, 1 GEMM = 2 n^2 d FLOPs): a block owns BM = 16 * MT * WARPS rows of image (warp w
-// the MT m16 tiles from row 16 MT w) and walks every BN-column block of text, starting at column block blockIdx.x mod #blocks so that
-// concurrent blocks merge into different columns. Each (column block, BK-wide slice of d) step is staged in shared
-// memory by cp.async, double buffered across the flattened loop; S tiles come from ldmatrix + mma.m16n8k16 (image
-// rows = A row-major, text rows = B "col" directly, non-trans ldmatrix). Row (max, sum) statistics stay online in
-// registers; each tile's column (max, sum) is reduced over the warp's 16 MT rows by shuffles, over the warps through
-// shared memory, then merged into col_packed[j] by a 64-bit atomicCAS loop.
+// Forward (contrastive_fwd_kernel, 1 GEMM = 2 n^2 d FLOPs): a block owns BM = 16 MT WARPS = 128 rows of image (warp
+// w: the MT = 2 m16 tiles from row 32 w) and walks every BN = 64 column block of text, starting at column block
+// blockIdx.x mod #blocks so that concurrent blocks merge into different columns. Each (column block, BK = 64 slice of
+// d) step is staged in shared memory by cp.async, double buffered across the flattened loop; S tiles come from
+// ldmatrix + mma.m16n8k16 (image rows = A row-major; text rows give B "col" directly, non-trans ldmatrix). Row (max,
+// sum) statistics stay online in registers; each tile's column (max, sum) is reduced over the warp's rows by
+// shuffles, over the warps through shared memory, then merged into col_packed[j] by a 64-bit atomicCAS loop (so the
+// column statistics depend on the merge order at the rounding level: not bitwise deterministic).
 //
-// Backward (contrastive_bwd_kernel, 2 GEMMs = 4 n^2 d FLOPs per launch, 8 n^2 d for both gradients): a block owns
-// BM = 16 * MW rows of a, kept in shared memory for the whole kernel; NW warps share each 16-row group and split d
-// d evenly into NW slices of at most DW = D_MAX / NW (multiples of 16). For each BN-row tile of b (cp.async, STAGES buffers, whole d):
+// Backward (contrastive_bwd_kernel, 2 GEMMs = 4 n^2 d FLOPs per launch, 8 n^2 d for both gradients, no atomics,
+// deterministic): a block owns BM = 16 MW rows of a, kept in shared memory for the whole kernel; the NW warps of each
+// 16-row group split d evenly into slices of at most DW = D_MAX / NW (multiples of 16). For each BN-row tile of b
+// (cp.async, STAGES buffers, whole d):
 //   GEMM1: warp (mw, nw) computes the partial S (16 x BN) over its own d slice (split-K); with NW > 1 the partials
-//          are summed through shared memory in a fixed order (deterministic), each warp getting the full 16 x BN S.
-//   ds:    in fp32 registers, ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform, rounded to T and used
-//          as the A operand of GEMM2 straight from the accumulator layout (two n8 C tiles = one k16 A tile).
-//   GEMM2: acc (16 x slice, registers) += ds (16 x BN) @ b_tile[:, slice] (B fragments by ldmatrix .trans).
-// Each warp only touches its own d slice of a and b. ds: with NW == 1 it stays in registers; with NW > 1 and
-// BN / NW >= 8 (the 256- and 512-wide configs) each warp of the row group forms BN / NW of its columns and they trade
-// them as T through shared memory (ldmatrix A fragments); in the 1024- and 2048-wide configs (BN = 16 < 8 NW) every
-// warp forms the whole 16 x BN ds itself (NW-fold exp2 work, 16 exp2 per 8 d = 8192 FLOPs at d = 2048).
+//          are summed through shared memory in a fixed order.
+//   ds:    fp32, ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform (0 outside the n x n matrix), rounded
+//          to T as GEMM2's A operand. NW == 1: straight from the accumulator registers (the C fragments of two n8
+//          tiles are one k16 A fragment). NW > 1 and BN / NW >= 8 (the 256- and 512-wide configs): each warp of the
+//          row group forms BN / NW of the columns and they trade them through shared memory (ldmatrix). 1024- and
+//          2048-wide configs (BN = 16 < 8 NW): every warp forms the row group's whole 16 x BN ds (NW-fold exp2 work:
+//          16 exp2 per element against the GEMMs' 4 d = 8192 FLOPs at d = 2048).
+//   GEMM2: acc (16 x slice, fp32 registers) += ds (16 x BN) @ b_tile[:, slice] (B fragments by ldmatrix .trans).
+// grad_a is stored with 8-byte vector stores (the launcher checks grad_a's 8-byte alignment).
 #pragma once
 
 #include "../common/device.cuh"
@@ -475,7 +478,8 @@ const char* fwd_launch(const ContrastiveFwdParams& p, void* stream) {
   if (const char* e = check_features(p.image, p.text, p.image_stride, p.text_stride, p.n, p.d)) return e;
   if (p.scale == nullptr || p.row_max == nullptr || p.row_sum == nullptr || p.col_packed == nullptr)
     return "fastclip contrastive_fwd: null scale or output pointer";
-  if ((reinterpret_cast<uintptr_t>(p.col_packed) & 7) != 0) return "fastclip contrastive_fwd: col_packed must be 8-byte aligned";
+  if ((reinterpret_cast<uintptr_t>(p.col_packed) & 7) != 0)
+    return "fastclip contrastive_fwd: col_packed must be 8-byte aligned";
   using C = FwdCfg<kFwdWarps, kFwdMT, kFwdBN, kFwdBK>;
   const unsigned grid = unsigned((p.n + C::BM - 1) / C::BM);
   fc::Error err = fc::launch(contrastive_fwd_kernel<T, kFwdWarps, kFwdMT, kFwdBN, kFwdBK>, fc::Dim3{grid, 1, 1},
@@ -499,7 +503,8 @@ const char* bwd_launch(const ContrastiveBwdParams& p, void* stream) {
   if (const char* e = check_features(p.a, p.b, p.a_stride, p.b_stride, p.n, p.d)) return e;
   if (p.scale == nullptr || p.a_stats == nullptr || p.b_stats == nullptr || p.grad_a == nullptr)
     return "fastclip contrastive_bwd: null scale, stats or output pointer";
-  if ((reinterpret_cast<uintptr_t>(p.grad_a) & 7) != 0) return "fastclip contrastive_bwd: grad_a must be 8-byte aligned";
+  if ((reinterpret_cast<uintptr_t>(p.grad_a) & 7) != 0)
+    return "fastclip contrastive_bwd: grad_a must be 8-byte aligned";
   if (p.d <= 128) return bwd_run<T, 128, 4, 1, 64, 2>(p, stream);
   if (p.d <= 256) return bwd_run<T, 256, 4, 2, 32, 2>(p, stream);
   if (p.d <= 512) return bwd_run<T, 512, 2, 4, 32, 2>(p, stream);
