@@ -208,6 +208,8 @@ FAST = [
     ("bf16", 1, 1, 70, 37, 32, True, [0], False),  # causal, sq > sk
     ("bf16", 1, 1, 150, 150, 64, False, [13], False),  # 3 key blocks, 3 query blocks
     ("fp16", 1, 1, 150, 140, 80, True, None, False),  # 3 key blocks causal, d padded to 96
+    ("fp16", 1, 1, 257, 257, 64, False, None, True),  # ViT-L/14 tokens: 5 blocks, the last with 1 row/key
+    ("bf16", 1, 1, 65, 33, 96, True, [4], False),  # 1 row/key past a 16 boundary, causal, d = D_PAD = 96
 ]
 
 

@@ -13,6 +13,8 @@
 //        dV += P^T dO, dK += dS^T Q                        (P^T, dS^T packed from accumulators into A fragments;
 //                                                          dO, Q through ldmatrix .trans)
 //        dS^T -> shared memory (16-bit), barrier, dQ_tile = dS K (warps split the tile's rows and columns)
+//      (16-row slices that cannot contribute: queries >= sq, keys >= sk, or wholly above the causal diagonal, skip
+//      their mmas; their P and dS are exactly 0 anyway)
 //      dQ_tile is accumulated in fp32 in the workspace by the thread that owns each element, always the same thread
 //      for every key block, in key block order: the first visiting key block stores, the last one converts and
 //      writes dq. No atomics; the result is bitwise reproducible.
@@ -149,6 +151,15 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS_MIN(128, 1) flash_bwd_kernel(const AttnBwdParams
       const float* delta_s = sDelta + buf * BM;
       const int r0 = m * BM;
 
+      // Query slices [q_begin, q_end) of the tile that can matter to the warp's 16 keys (warp-uniform): rows < sq
+      // and, when causal, rows >= the warp's first key; no slice at all when its keys are all >= sk. Skipped slices
+      // keep S^T = dP^T = 0 and are masked below (P = dS = 0), so their dV/dK products are skipped too.
+      const int q_end = sq - r0 < BM ? sq - r0 : BM;
+      int q_begin = 0;
+      if (f.causal && n0 + warp * 16 - r0 > 0) q_begin = n0 + warp * 16 - r0;
+      if (n0 + warp * 16 >= sk) q_begin = BM;
+      auto slice_live = [&](int i) { return i * 16 < q_end && i * 16 + 16 > q_begin; };
+
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x BM queries
       float st[MT][4], dpt[MT][4];
 #pragma unroll
@@ -156,12 +167,13 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS_MIN(128, 1) flash_bwd_kernel(const AttnBwdParams
 #pragma unroll
         for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
 #pragma unroll 1
-      for (int kk = 0; kk < KT; ++kk) {
+      for (int kk = 0; kk < (q_begin < q_end ? KT : 0); ++kk) {
         uint32_t ka[4], va[4];
         fc::ldmatrix_x4(ka, sK + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
         fc::ldmatrix_x4(va, sV + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
         for (int np = 0; np < MT / 2; ++np) {
+          if (!slice_live(np)) continue;
           const int off = (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
           uint32_t r[4];
           fc::ldmatrix_x4(r, qs + off);
@@ -204,6 +216,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS_MIN(128, 1) flash_bwd_kernel(const AttnBwdParams
         *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * LDS + kk * 16 + 2 * t) = sa[1];
         *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g) * LDS + kk * 16 + 8 + 2 * t) = sa[2];
         *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8) * LDS + kk * 16 + 8 + 2 * t) = sa[3];
+        if (!slice_live(kk)) continue;
 #pragma unroll
         for (int dp = 0; dp < DT / 2; ++dp) {
           const int off = (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dp * 16 + (lane >> 4) * 8;
@@ -228,6 +241,8 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS_MIN(128, 1) flash_bwd_kernel(const AttnBwdParams
         for (int i = 0; i < DQT; ++i) dqa[i][0] = dqa[i][1] = dqa[i][2] = dqa[i][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
+          // dS = 0 for keys >= sk and, when causal, for keys past the last row of the warp's 16
+          if (n0 + kk * 16 >= sk || (f.causal && n0 + kk * 16 > r0 + rg * 16 + 15)) continue;
           uint32_t a[4];
           fc::ldmatrix_x4_trans(a, sdS + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + rg * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll

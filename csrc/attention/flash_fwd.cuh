@@ -5,7 +5,8 @@
 // in shared memory by cp.async (row pitch D_PAD + 8 elements, so the 8 rows of an ldmatrix hit 8 distinct 16-byte
 // bank groups). Per key block:
 //   S = Q K^T (K rows are the B fragments, plain ldmatrix), x = S * scale * log2(e), masked entries -inf
-//   (key >= sk, key padding, causal key > query; causal blocks wholly past the diagonal are never visited),
+//   (key >= sk, key padding, causal key > query; causal blocks wholly past the diagonal are never visited, and
+//   16-key slices past sk or past a warp's last row skip their mmas),
 //   online softmax in base 2 (quad shuffles), P packed from the accumulators straight into A fragments,
 //   O += P V (V rows through ldmatrix .trans).
 // A row whose keys are all masked keeps max = -inf: exponents are taken against 0 instead, so it accumulates
@@ -90,6 +91,15 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_fwd_kernel(const AttnFwdParams p) {
     const uint16_t* kb = sK + (n & 1) * BN * LD;
     const uint16_t* vb = sV + (n & 1) * BN * LD;
 
+    // 16-key slices [0, slice_end) of this block that can matter to this warp (warp-uniform): keys < sk and, when
+    // causal, keys <= the warp's last row. Skipped slices keep S = 0 and are masked below, so P = 0 there.
+    const int n0 = n * BN;
+    int slice_end = sk - n0 < BN ? sk - n0 : BN;
+    if (p.causal) {
+      const int lim = m0 + warp * 16 + 16 - n0;
+      slice_end = lim < slice_end ? lim : slice_end;
+    }
+
     // S = Q K^T
     float s[NT][4];
 #pragma unroll
@@ -98,6 +108,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_fwd_kernel(const AttnFwdParams p) {
     for (int kk = 0; kk < KT; ++kk) {
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
+        if (np * 16 >= slice_end) continue;
         uint32_t r[4];
         fc::ldmatrix_x4(r, kb + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
         const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
@@ -107,7 +118,6 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_fwd_kernel(const AttnFwdParams p) {
     }
 
     // scale to base 2 and mask
-    const int n0 = n * BN;
     const bool need_mask = n0 + BN > sk || kp != nullptr || (p.causal && n0 + BN - 1 > m0);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -151,6 +161,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_fwd_kernel(const AttnFwdParams p) {
     // O += P V
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
+      if (kk * 16 >= slice_end) continue;  // P = 0 there
       const uint32_t a[4] = {fc::Cvt<T>::pack2(s[2 * kk][0], s[2 * kk][1]),
                              fc::Cvt<T>::pack2(s[2 * kk][2], s[2 * kk][3]),
                              fc::Cvt<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
