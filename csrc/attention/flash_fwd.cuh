@@ -28,7 +28,7 @@ struct FwdCfg {
 };
 
 template <class T, int D_PAD>
-FC_GLOBAL void FC_LAUNCH_BOUNDS(128) flash_fwd_kernel(const AttnFwdParams p) {
+FC_GLOBAL void FC_LAUNCH_BOUNDS_MIN(128, 1) flash_fwd_kernel(const AttnFwdParams p) {
   using C = FwdCfg<D_PAD>;
   constexpr int BM = C::BM, BN = C::BN, LD = C::LD, THREADS = C::THREADS;
   constexpr int KT = D_PAD / 16;  // k16 steps of Q K^T
