@@ -15,12 +15,17 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("n,d", [(1, 5), (77, 48), (1000, 512), (4097, 768), (3000, 1024), (513, 2048)])
 @pytest.mark.parametrize("scale,bias,ls", [(1.0, None, 0.0), (100.0, -10.0, 0.1)])
 def test_triton_cuda_matches_reference(dtype, n, d, scale, bias, ls):
-    leaves = make_inputs(n, d, dtype, scale=scale, bias=bias, device="cuda")
+    check_gpu_loss(make_inputs(n, d, dtype, scale=scale, bias=bias, device="cuda"), ls, "triton")
+
+
+def check_gpu_loss(leaves, ls, backend):
+    """loss and every gradient of ``backend`` against fp64, bounded by same-dtype PyTorch's own error."""
+    dtype = leaves[0].dtype
     hi_loss, hi_grads = loss_and_grads(lambda *x: reference.contrastive_loss_ref(*x, label_smoothing=ls),
                                        upcast(leaves, torch.float64))
     lo_loss, lo_grads = loss_and_grads(lambda *x: reference.contrastive_loss_ref(*x, label_smoothing=ls),
                                        upcast(leaves, dtype))
-    loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, label_smoothing=ls, backend="triton"),
+    loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, label_smoothing=ls, backend=backend),
                                  leaves)
     assert loss.dtype == dtype
     atol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]

@@ -9,11 +9,10 @@ import torch
 
 import fastclip
 from fastclip.ops import cuda as cuda_backend
-from fastclip.ops import reference
 
-from .helpers import assert_close_to_ref
 from .test_attention import GPU_SHAPES, check_against_reference, make_mask, make_qkv
-from .test_contrastive import GRAD_NAMES, loss_and_grads, make_inputs, upcast
+from .test_contrastive import loss_and_grads, make_inputs
+from .test_contrastive_gpu import check_gpu_loss
 
 pytestmark = pytest.mark.gpu
 
@@ -29,20 +28,7 @@ def _need_extension():
 @pytest.mark.parametrize("n,d", [(1, 8), (77, 48), (1000, 512), (4097, 768), (3000, 1024), (513, 2048)])
 @pytest.mark.parametrize("scale,bias,ls", [(1.0, None, 0.0), (100.0, -10.0, 0.1)])
 def test_contrastive_matches_reference(dtype, n, d, scale, bias, ls):
-    leaves = make_inputs(n, d, dtype, scale=scale, bias=bias, device="cuda")
-    hi_loss, hi_grads = loss_and_grads(lambda *x: reference.contrastive_loss_ref(*x, label_smoothing=ls),
-                                       upcast(leaves, torch.float64))
-    lo_loss, lo_grads = loss_and_grads(lambda *x: reference.contrastive_loss_ref(*x, label_smoothing=ls),
-                                       upcast(leaves, dtype))
-    loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, label_smoothing=ls, backend="cuda"),
-                                 leaves)
-    assert loss.dtype == dtype
-    atol = {torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
-    assert_close_to_ref("loss", loss, hi_loss, lo_loss, factor=2, atol=atol * (1 + abs(hi_loss.item())))
-    for name, g, h, lo in zip(GRAD_NAMES, grads, hi_grads, lo_grads):
-        if name == "d_logit_bias":
-            continue
-        assert_close_to_ref(name, g, h, lo, factor=3, atol=atol * h.abs().max().item())
+    check_gpu_loss(make_inputs(n, d, dtype, scale=scale, bias=bias, device="cuda"), ls, "cuda")
 
 
 def test_contrastive_strided_features():
