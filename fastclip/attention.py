@@ -18,7 +18,8 @@ from torch import Tensor
 from fastclip.functional import _fmt, _Lazy, check_float_tensor
 from fastclip.ops.torch_attention import attention_sdpa
 from fastclip.ops import reference
-from fastclip.ops.registry import Support, cuda_ext_unavailable, register, select, supports, triton_unavailable
+from fastclip.ops.registry import Support, cuda_ext_unavailable, cuda_kernel_reasons, register, select, supports, \
+    triton_unavailable
 
 __all__ = ["flash_attention"]
 
@@ -86,7 +87,7 @@ register(Support(OP, "cuda",
                  impl=(_Lazy("fastclip.ops.cuda", "attention_fwd"), _Lazy("fastclip.ops.cuda", "attention_bwd")),
                  devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}), min_dim=32,
                  max_dim=128, dim_name="head_dim", unavailable=cuda_ext_unavailable,
-                 extra_checks=(_Lazy("fastclip.ops.cuda", "arch_reasons"),)))
+                 extra_checks=(cuda_kernel_reasons,)))
 
 
 def _impl(backend: str, which: int):

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from fastclip.ops import reference
-from fastclip.ops.registry import Support, cuda_ext_unavailable, register, select, triton_unavailable
+from fastclip.ops.registry import Support, cuda_ext_unavailable, cuda_kernel_reasons, register, select, \
+    triton_unavailable
 
 __all__ = ["contrastive_loss"]
 
@@ -116,7 +117,7 @@ register(Support("contrastive_loss", "cuda",
                  impl=(_Lazy("fastclip.ops.cuda", "contrastive_fwd"), _Lazy("fastclip.ops.cuda", "contrastive_bwd")),
                  devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}), min_dim=8,
                  max_dim=2048, unavailable=cuda_ext_unavailable,
-                 extra_checks=(_Lazy("fastclip.ops.cuda", "arch_reasons"),)))
+                 extra_checks=(cuda_kernel_reasons,)))
 
 
 def _impl(backend: str, which: int):

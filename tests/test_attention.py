@@ -4,13 +4,15 @@ Triton kernels run under TRITON_INTERPRET=1 on the CPU (fp32, fp16) at small CLI
 CLIP sizes are ``@pytest.mark.gpu``. Errors are bounded with flash-attn's criterion: fastclip's error against an
 fp64 reference at most 2x (output) / 3x (gradients) that of the same computation in the inputs' dtype, plus atol.
 """
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastclip
 from fastclip.ops.reference import attention_ref
-from fastclip.ops.registry import BackendError, select
+from fastclip.ops.registry import BackendError, cuda_ext_unavailable, select
 
 from .helpers import assert_close, assert_close_to_ref
 
@@ -265,7 +267,8 @@ def test_explicit_backend_that_cannot_run_raises():
     big = [t.detach() for t in make_qkv(1, 4, 1, 160)]
     with pytest.raises(BackendError, match="head_dim 160 > 128"):
         fastclip.flash_attention(*big, backend="triton")
-    with pytest.raises(BackendError, match="'cuda' has no implementation.*not built"):
+    with pytest.raises(BackendError, match=r"'cuda' cannot run these inputs.*" + re.escape(cuda_ext_unavailable())
+                       + r".*dtype float32 is not supported.*head_dim 8 < 32"):
         fastclip.flash_attention(q, k, v, backend="cuda")
 
 

@@ -15,16 +15,21 @@ from typing import Optional
 import torch
 
 TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "backend_choice.json")
-_CACHE = {}
+
+
+def _read() -> list:
+    try:
+        with open(TABLE) as f:
+            return json.load(f).get("entries", [])
+    except FileNotFoundError:
+        return []
+
+
+# read once at import: select() runs inside torch.compile's trace, where file I/O would break the graph
+_CACHE = {"entries": _read()}
 
 
 def table() -> list:
-    if "entries" not in _CACHE:
-        try:
-            with open(TABLE) as f:
-                _CACHE["entries"] = json.load(f).get("entries", [])
-        except FileNotFoundError:
-            _CACHE["entries"] = []
     return _CACHE["entries"]
 
 

@@ -74,18 +74,6 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def arch_reasons(dev: str, dtype: torch.dtype, dim: int) -> list:
-    """Per-input refusals beyond the Support row's devices/dtypes/dims."""
-    reasons = []
-    if dim % 8:
-        reasons.append(f"dim {dim} is not a multiple of 8 (the kernels load 16-byte rows)")
-    if dev == "cuda" and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        if major < 8:
-            reasons.append(f"the GPU is sm_{major}{minor}; the kernels need sm_80 or newer (mma.sync bf16, cp.async)")
-    return reasons
-
-
 def _register_fakes() -> None:
     if _STATE.get("fakes"):
         return
@@ -178,3 +166,6 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float):
     return torch.ops.fastclip.flash_attn_bwd_cuda(dout.contiguous(), q, k, v, out, lse, key_padding_mask, causal,
                                                   softmax_scale)
+
+
+_load()  # at import: torch.compile may trace the first dispatch, where importing a library would break the graph

@@ -17,6 +17,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fastclip.ops import choice
+from fastclip.ops import cuda as cuda_backend  # loads the extension now, if built (never while compile traces)
+
 BACKENDS = ("reference", "torch", "triton", "cuda")
 # "auto" tries these in order; reference is the last resort (it materializes N x N). cuda is taken only where a
 # committed benchmark measured it faster than triton (fastclip/ops/choice.py).
@@ -61,9 +64,19 @@ def triton_unavailable() -> Optional[str]:
 
 def cuda_ext_unavailable() -> Optional[str]:
     """Why the compiled extension cannot run, or None."""
-    from fastclip.ops import cuda as _cuda
+    return cuda_backend.unavailable_reason()
 
-    return _cuda.unavailable_reason()
+
+def cuda_kernel_reasons(dev: str, dtype: torch.dtype, dim: int) -> List[str]:
+    """Per-input refusals of the CUDA kernels beyond their Support rows' devices, dtypes and dims."""
+    reasons = []
+    if dim % 8:
+        reasons.append(f"dim {dim} is not a multiple of 8 (the kernels load 16-byte rows)")
+    if dev == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            reasons.append(f"the GPU is sm_{major}{minor}; the kernels need sm_80 or newer (bf16 mma.sync, cp.async)")
+    return reasons
 
 
 # why a backend cannot run at all on this machine (None: it can)
@@ -165,9 +178,7 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Suppor
         if row is None:
             continue
         if name == "cuda" and not row.unavailable():
-            from fastclip.ops.choice import preferred
-
-            if preferred(op, device, dtype, dim) != "cuda":
+            if choice.preferred(op, device, dtype, dim) != "cuda":
                 refusals.append("  cuda: skipped by auto: no committed benchmark shows it faster than triton for "
                                 "these inputs (fastclip/data/backend_choice.json)")
                 continue
