@@ -1,6 +1,6 @@
 // Self-test of the device primitives: one warp multiplies a 16x16 by a 16x8 matrix through ldmatrix (plain and
-// .trans) and mma.sync, then checks shuffles and cp.async. Built by tests/test_cuda_emulated.py with
-// -DFASTCLIP_EMULATE -x c++ (and compiled, not run, by nvcc in the extension build check).
+// .trans) and mma.sync, then checks shuffles and cp.async. The same program runs in the emulator (CI) and on a GPU
+// (benchmarks/gpu_check.sh), so a GPU run confirms that the emulator's fragment layouts are the hardware's.
 #include "../common/device.cuh"
 
 template <class T>
@@ -36,36 +36,67 @@ FC_GLOBAL void selftest_kernel(const uint16_t* a, const uint16_t* b, float* c_nt
   shfl[l] = fc::shfl_xor(float(l), 5) + 100.f * fc::warp_reduce_sum4(float(l));
 }
 
-#ifdef FASTCLIP_EMULATE
 #include <cstdio>
 #include <cstdlib>
+
+#ifdef FASTCLIP_EMULATE
+static uint16_t host_f16(float x) { return fc::Cvt<fc::Fp16>::to_bits(x); }
+static float host_f16_to_float(uint16_t b) { return fc::Cvt<fc::Fp16>::to_float(b); }
+#else
+static uint16_t host_f16(float x) { return __half_as_ushort(__float2half_rn(x)); }
+static float host_f16_to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+#endif
+
+// Emulator: g++ -std=c++20 -pthread -DFASTCLIP_EMULATE -x c++ primitives_selftest.cu (tests/test_cuda_emulator.py).
+// GPU: nvcc -std=c++17 -arch=sm_90 primitives_selftest.cu (benchmarks/gpu_check.sh): the same kernel and checks on
+// hardware, which confirms the fragment layouts the emulator implements.
 int main() {
   uint16_t a[256], b[128];
   float ref[128] = {0}, c_nt[128], c_nn[128], shfl[32];
-  for (int i = 0; i < 256; ++i) a[i] = fc::Cvt<fc::Fp16>::to_bits(float((i * 7) % 13) - 6.f);
-  for (int i = 0; i < 128; ++i) b[i] = fc::Cvt<fc::Fp16>::to_bits(float((i * 5) % 11) - 5.f);
+  for (int i = 0; i < 256; ++i) a[i] = host_f16(float((i * 7) % 13) - 6.f);
+  for (int i = 0; i < 128; ++i) b[i] = host_f16(float((i * 5) % 11) - 5.f);
   for (int r = 0; r < 16; ++r)
     for (int n = 0; n < 8; ++n)
-      for (int k = 0; k < 16; ++k) ref[r * 8 + n] += fc::Cvt<fc::Fp16>::to_float(a[r * 16 + k]) *
-                                                    fc::Cvt<fc::Fp16>::to_float(b[k * 8 + n]);
+      for (int k = 0; k < 16; ++k) ref[r * 8 + n] += host_f16_to_float(a[r * 16 + k]) * host_f16_to_float(b[k * 8 + n]);
   alignas(16) static uint16_t ab[256 + 128];
   for (int i = 0; i < 256; ++i) ab[i] = a[i];
   for (int i = 0; i < 128; ++i) ab[256 + i] = b[i];
+#ifdef FASTCLIP_EMULATE
   fc::launch(selftest_kernel<fc::Fp16>, {1, 1, 1}, {32, 1, 1}, 2048, nullptr, ab, ab + 256, c_nt, c_nn, shfl);
+#else
+  uint16_t* d_ab;
+  float* d_out;
+  if (cudaMalloc(&d_ab, sizeof(ab)) != cudaSuccess || cudaMalloc(&d_out, (128 + 128 + 32) * sizeof(float)) != cudaSuccess) {
+    std::printf("FAIL: cudaMalloc\n");
+    return 2;
+  }
+  cudaMemcpy(d_ab, ab, sizeof(ab), cudaMemcpyHostToDevice);
+  fc::Error e = fc::launch(selftest_kernel<fc::Fp16>, {1, 1, 1}, {32, 1, 1}, 2048, nullptr, d_ab, d_ab + 256, d_out,
+                           d_out + 128, d_out + 256);
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
+  if (e != cudaSuccess) {
+    std::printf("FAIL: %s\n", cudaGetErrorString(e));
+    return 2;
+  }
+  cudaMemcpy(c_nt, d_out, sizeof(c_nt), cudaMemcpyDeviceToHost);
+  cudaMemcpy(c_nn, d_out + 128, sizeof(c_nn), cudaMemcpyDeviceToHost);
+  cudaMemcpy(shfl, d_out + 256, sizeof(shfl), cudaMemcpyDeviceToHost);
+#endif
   int bad = 0;
   for (int i = 0; i < 128; ++i) bad += (c_nt[i] != ref[i]) + (c_nn[i] != ref[i]);
   for (int l = 0; l < 32; ++l) {
     int q = l & ~3;
     bad += shfl[l] != float(l ^ 5) + 100.f * float(4 * q + 6);
   }
-  // conversions: round to nearest even at the half-way points
+#ifdef FASTCLIP_EMULATE
+  // the emulator's conversions: round to nearest even at the half-way points
   bad += fc::Cvt<fc::Fp16>::to_bits(1.0f + 1.0f / 2048) != 0x3c00;          // tie -> even
   bad += fc::Cvt<fc::Fp16>::to_bits(1.0f + 3.0f / 2048) != 0x3c02;          // tie -> even (up)
   bad += fc::Cvt<fc::Bf16>::to_bits(1.0f + 1.0f / 256) != 0x3f80;
   bad += fc::Cvt<fc::Bf16>::to_bits(1.0f + 3.0f / 256) != 0x3f82;
   bad += fc::Cvt<fc::Fp16>::to_float(fc::Cvt<fc::Fp16>::to_bits(65504.f)) != 65504.f;
   bad += fc::Cvt<fc::Fp16>::to_bits(1e-7f) != 0x0002;                       // subnormal 1e-7 / 2^-24 = 1.68 -> 2
+#endif
   std::printf(bad ? "FAIL %d\n" : "OK\n", bad);
   return bad ? 1 : 0;
 }
-#endif
