@@ -28,7 +28,8 @@ FASTCLIP_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inpla
 
 echo "== device primitives on the GPU (the emulator's fragment layouts against the hardware's)"
 ARCH=$($PY -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null || echo 90)
-nvcc -std=c++17 -arch=sm_$ARCH csrc/tests/primitives_selftest.cu -o "$WORK/primitives_selftest" \
+NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+"$NVCC" -std=c++17 -arch=sm_$ARCH csrc/tests/primitives_selftest.cu -o "$WORK/primitives_selftest" \
   && "$WORK/primitives_selftest" || echo "primitives self-test FAILED"
 
 { $PY -m fastclip.info; nvidia-smi; } >"$WORK/info.txt" 2>&1
