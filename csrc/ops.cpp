@@ -29,10 +29,11 @@ std::string shape_of(const Tensor& t) {
 
 bool is_16bit(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
-// A row-major (rows, d) view the kernels can read in place: contiguous last dim, 16-byte aligned start and row
-// stride. Anything else is copied once (a rare path: fastclip's callers pass such views).
+// A view the kernels can read in place: (rows, d) features or (B, S, H, D) attention inputs with a contiguous last
+// dim, a 16-byte aligned start and every other stride a multiple of 8 elements (16 bytes), so each row is 16-byte
+// aligned. Anything else is copied once (a rare path: fastclip's callers pass such views).
 Tensor kernel_ready(const Tensor& t) {
-  bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  bool ok = t.stride(-1) == 1 && aligned16(t.data_ptr());
   for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.size(i) == 1 || t.stride(i) % 8 == 0);
   return ok ? t : t.contiguous();
 }
@@ -191,11 +192,10 @@ void check_attention(const char* op, const Tensor& q, const Tensor& k, const Ten
 
 AttnStrides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-// (B, S, H, D) with a contiguous, 16-byte aligned head dim and strides that keep rows aligned; else a copy.
-Tensor attention_ready(const Tensor& t) {
-  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int i = 0; i < 3; ++i) ok = ok && (t.size(i) == 1 || t.stride(i) % 8 == 0);
-  return ok ? t : t.contiguous();
+// The key padding mask with its keys contiguous (the kernels read row b at key_padding + b * stride).
+c10::optional<Tensor> padding_ready(const c10::optional<Tensor>& kpm) {
+  if (!kpm.has_value()) return kpm;
+  return kpm->stride(1) == 1 ? *kpm : kpm->contiguous();
 }
 
 AttnFwdParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, const c10::optional<Tensor>& kpm,
@@ -242,9 +242,8 @@ std::tuple<Tensor, Tensor> flash_attn_fwd_cuda(const Tensor& q_in, const Tensor&
   check_attention(op, q_in, k_in, v_in, kpm_in);
   TORCH_CHECK(q_in.is_cuda(), "fastclip::", op, ": expected CUDA tensors; got q ", shape_of(q_in));
   c10::cuda::CUDAGuard guard(q_in.device());
-  Tensor q = attention_ready(q_in), k = attention_ready(k_in), v = attention_ready(v_in);
-  c10::optional<Tensor> kpm;
-  if (kpm_in.has_value()) kpm = kpm_in->stride(1) == 1 ? *kpm_in : kpm_in->contiguous();
+  Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
+  c10::optional<Tensor> kpm = padding_ready(kpm_in);
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   AttnFwdParams p = attention_params(q, k, v, kpm, causal, softmax_scale);
@@ -272,10 +271,9 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_in, co
               shape_of(lse));
   TORCH_CHECK(q_in.is_cuda(), "fastclip::", op, ": expected CUDA tensors; got q ", shape_of(q_in));
   c10::cuda::CUDAGuard guard(q_in.device());
-  Tensor q = attention_ready(q_in), k = attention_ready(k_in), v = attention_ready(v_in);
-  Tensor out = attention_ready(out_in), dout = attention_ready(dout_in), lse_c = lse.contiguous();
-  c10::optional<Tensor> kpm;
-  if (kpm_in.has_value()) kpm = kpm_in->stride(1) == 1 ? *kpm_in : kpm_in->contiguous();
+  Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
+  Tensor out = kernel_ready(out_in), dout = kernel_ready(dout_in), lse_c = lse.contiguous();
+  c10::optional<Tensor> kpm = padding_ready(kpm_in);
   Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
          dv = at::empty(v.sizes(), v.options());
   AttnBwdParams p{};

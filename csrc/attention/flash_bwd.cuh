@@ -334,7 +334,7 @@ const char* flash_bwd_launch(const AttnBwdParams& p, void* workspace, void* stre
     case 96: err = flash_bwd_run<T, 96>(p, ws_dq, ws_delta, stream); break;
     default: err = flash_bwd_run<T, 128>(p, ws_dq, ws_delta, stream); break;
   }
-  return err == fc::kSuccess ? nullptr : fc::error_string(err);
+  return fc::launch_result(err);
 }
 
 }  // namespace attn_detail

@@ -43,8 +43,6 @@ FC_DEVICE void load_tile_async(uint16_t* s, const uint16_t* g, int64_t row_strid
 
 inline int pad_head_dim(int d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : 128; }
 
-inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
 inline bool strides_ok(const AttnStrides& s) { return s.b % 8 == 0 && s.s % 8 == 0 && s.h % 8 == 0; }
 
 // Checks shared by both directions; nullptr when fine.

@@ -223,7 +223,7 @@ const char* flash_fwd_launch(const AttnFwdParams& p, void* stream) {
     case 96: err = flash_fwd_run<T, 96>(p, stream); break;
     default: err = flash_fwd_run<T, 128>(p, stream); break;
   }
-  return err == fc::kSuccess ? nullptr : fc::error_string(err);
+  return fc::launch_result(err);
 }
 
 }  // namespace attn_detail

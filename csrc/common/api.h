@@ -7,3 +7,8 @@
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
+
+namespace fastclip {
+// cp.async and ldmatrix move 16-byte rows: every tensor the kernels read or write starts on a 16-byte boundary.
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+}  // namespace fastclip

@@ -176,6 +176,9 @@ inline Error launch(void (*kernel)(KArgs...), Dim3 grid, Dim3 block, int smem_by
 
 namespace fc {
 // Shared by both implementations.
+// A launcher's return value (api.h): nullptr on success, else the error's message.
+inline const char* launch_result(Error e) { return e == kSuccess ? nullptr : error_string(e); }
+
 FC_DEVICE float warp_reduce_max4(float v) {  // max over the 4 lanes of a quad (lanes 4g .. 4g+3)
   v = fmaxf(v, shfl_xor(v, 1));
   return fmaxf(v, shfl_xor(v, 2));

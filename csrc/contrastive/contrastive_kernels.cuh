@@ -458,8 +458,6 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
 // ------------------------------------------------------------------------------------------------------------------
 // Launchers
 
-inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
 inline const char* check_features(const uint16_t* a, const uint16_t* b, int64_t sa, int64_t sb, int n, int d) {
   if (n < 1) return "fastclip contrastive: n must be >= 1";
   if (d < 8 || d > 2048 || d % 8 != 0) return "fastclip contrastive: d must be a multiple of 8 in [8, 2048]";
@@ -484,7 +482,7 @@ const char* fwd_launch(const ContrastiveFwdParams& p, void* stream) {
   const unsigned grid = unsigned((p.n + C::BM - 1) / C::BM);
   fc::Error err = fc::launch(contrastive_fwd_kernel<T, kFwdWarps, kFwdMT, kFwdBN, kFwdBK>, fc::Dim3{grid, 1, 1},
                              fc::Dim3{unsigned(C::THREADS), 1, 1}, C::SMEM, static_cast<fc::Stream>(stream), p);
-  return err == fc::kSuccess ? nullptr : fc::error_string(err);
+  return fc::launch_result(err);
 }
 
 template <class T, int D_MAX, int MW, int NW, int BN, int STAGES>
@@ -493,7 +491,7 @@ const char* bwd_run(const ContrastiveBwdParams& p, void* stream) {
   const unsigned grid = unsigned((p.n + C::BM - 1) / C::BM);
   fc::Error err = fc::launch(contrastive_bwd_kernel<T, D_MAX, MW, NW, BN, STAGES>, fc::Dim3{grid, 1, 1},
                              fc::Dim3{unsigned(C::THREADS), 1, 1}, C::SMEM, static_cast<fc::Stream>(stream), p);
-  return err == fc::kSuccess ? nullptr : fc::error_string(err);
+  return fc::launch_result(err);
 }
 
 // Backward configs (D_MAX, MW, NW, BN, STAGES): fp32 output accumulator 16 * D_MAX / (32 * NW) per thread (64 or 128),

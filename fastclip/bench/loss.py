@@ -19,9 +19,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from fastclip.ops.registry import BackendError
 from fastclip.bench.common import Row, append_csv, environment, format_table, is_oom, peak_memory_mb, quantiles, \
     time_fn
+from fastclip.ops.cuda import unavailable_reason as cuda_unavailable
+from fastclip.ops.registry import BackendError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 DEFAULT_CSV = os.path.join("benchmarks", "results", "loss.csv")
@@ -45,7 +46,7 @@ def contrastive_providers(device: torch.device) -> Dict[str, Optional[Callable]]
     out["triton"] = ((lambda i, t, s, b: fastclip.contrastive_loss(i, t, s, backend="triton"))
                      if device.type == "cuda" else None)
     out["cuda"] = ((lambda i, t, s, b: fastclip.contrastive_loss(i, t, s, backend="cuda"))
-                   if device.type == "cuda" and _cuda_unavailable() is None else None)
+                   if device.type == "cuda" and cuda_unavailable() is None else None)
     out["inf-cl"] = None
     if device.type == "cuda":
         try:
@@ -59,12 +60,6 @@ def contrastive_providers(device: torch.device) -> Dict[str, Optional[Callable]]
         except ImportError:
             pass
     return out
-
-
-def _cuda_unavailable():
-    from fastclip.ops.cuda import unavailable_reason
-
-    return unavailable_reason()
 
 
 def contrastive_flops(n: int, d: int, mode: str) -> float:

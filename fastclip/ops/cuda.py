@@ -74,11 +74,7 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def _register_fakes() -> None:
-    if _STATE.get("fakes"):
-        return
-    _STATE["fakes"] = True
-
+def _register_fakes() -> None:  # once: _load() caches its outcome
     @torch.library.register_fake("fastclip::contrastive_stats_cuda")
     def _(image, text, scale):
         n = image.shape[0]

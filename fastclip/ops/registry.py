@@ -62,9 +62,8 @@ def triton_unavailable() -> Optional[str]:
     return None
 
 
-def cuda_ext_unavailable() -> Optional[str]:
-    """Why the compiled extension cannot run, or None."""
-    return cuda_backend.unavailable_reason()
+# Why the compiled extension cannot run, or None.
+cuda_ext_unavailable = cuda_backend.unavailable_reason
 
 
 def cuda_kernel_reasons(dev: str, dtype: torch.dtype, dim: int) -> List[str]:
