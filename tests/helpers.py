@@ -31,3 +31,36 @@ def assert_close_to_ref(name: str, out: torch.Tensor, ref_hi: torch.Tensor, ref_
     base = (ref_lo.double() - ref_hi.double()).abs().max().item()
     assert err <= factor * base + atol, (describe_error(name, out, ref_hi)
                                         + f"; same-dtype PyTorch err {base:.3e}, allowed {factor} x that + {atol:g}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Error bounds for reduced precision (fp16/bf16): derived, not guessed.
+#
+# flash-attn's rule: a fused kernel in dtype X may err against an fp64 reference at most `factor` times as much as
+# the same computation done naively in X (inputs rounded to X, every op in X, as PyTorch does it). The naive
+# error is measured, so the bound follows the inputs' scale and condition; `atol` only covers results that the
+# naive computation gets exactly. `unit_roundoff(dtype)` gives u = 2^-(mantissa bits + 1), the unit of a stated
+# bound where no naive computation exists (e.g. LayerNorm: one rounding of an fp32 result, <= u |y|).
+
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24,
+                 torch.float64: 2.0 ** -53}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return UNIT_ROUNDOFF[dtype]
+
+
+def naive_error(fn, inputs, dtype: torch.dtype) -> float:
+    """max |fn(inputs in dtype) - fn(inputs in fp64)|: the error of the naive computation in ``dtype``."""
+    lo = fn(*[t.detach().to(dtype) for t in inputs])
+    hi = fn(*[t.detach().double() for t in inputs])
+    return (lo.double() - hi).abs().max().item()
+
+
+def assert_within_naive(name: str, out: torch.Tensor, ref_hi: torch.Tensor, naive_err: float, *,
+                        factor: float = 2.0, atol: float = 0.0) -> None:
+    """flash-attn's criterion with the naive error already measured: |out - ref_hi| <= factor * naive_err + atol."""
+    err = (out.double() - ref_hi.double()).abs().max().item() if out.numel() else 0.0
+    assert err <= factor * naive_err + atol, (describe_error(name, out, ref_hi)
+                                             + f"; naive same-dtype err {naive_err:.3e}, allowed {factor} x that"
+                                             + f" + {atol:g}")

@@ -1,0 +1,114 @@
+"""Input regimes the rest of the suite does not visit, shared by the ``test_regimes_*`` files.
+
+Each regime is a small function returning fresh inputs, plus an independent fp64 specification written here
+(not imported from ``fastclip.ops.reference``, so a bug there cannot hide a bug elsewhere):
+
+- cross-attention: q, k, v distinct tensors, S_q != S_k, k and v with different strides (k a strided slice of a
+  packed projection, v a transposed view of a (B, H, S, D) buffer), causal + padding;
+- a trained model's features: image and text embeddings of matching pairs nearly parallel, so at
+  ``logit_scale = 100`` the diagonal probabilities p_ii are within 1e-9 .. 1e-2 of 1 (the softmax cancels);
+- extreme SigLIP logits: |logit_scale * cos + bias| up to ~1e3, where a naive sigmoid or log(1 + e) overflows.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fastclip.ops.registry import supports
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def runnable_backends(op: str, dtype: torch.dtype, dim: int, device: str = "cpu") -> List[str]:
+    """The backends of ``op`` that can run these inputs here (the Support rows' own verdict)."""
+    return [name for name, row in supports(op).items() if not row.not_supported_reasons(device, dtype, dim)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+
+
+def cross_attention_inputs(b: int, s_q: int, s_k: int, h: int, d: int, dtype=torch.float32):
+    """Leaves q (B, S_q, H, D), k, v (B, S_k, H, D), three different tensors with three different layouts.
+
+    k is the second of three (H, D) slots of a packed (B, S_k, 3, H, D) buffer (row stride 3 H D), v the transpose
+    of a contiguous (B, H, S_k, D) buffer (seq stride D, head stride S_k D): a kernel that reads v with k's
+    strides (or k with q's) reads the wrong numbers. Returns (q, k, v) as leaves requiring grad.
+    """
+    q = torch.randn(b, s_q, h, d, dtype=torch.float64).to(dtype).requires_grad_()
+    packed = torch.randn(b, s_k, 3, h, d, dtype=torch.float64).to(dtype).requires_grad_()
+    v_bhsd = (torch.randn(b, h, s_k, d, dtype=torch.float64) * 2 + 0.5).to(dtype).requires_grad_()
+    k, v = packed[:, :, 1], v_bhsd.transpose(1, 2)  # (B, S_k, H, D) views
+    assert k.stride() != v.stride() != q.stride()
+    return q, k, v, (q, packed, v_bhsd)
+
+
+def padding_mask(b: int, s_k: int, *, empty_row: bool = True) -> torch.Tensor:
+    """(B, S_k) bool, True = padding: ragged ends (as padded text), batch 0 padded from its first key when
+    ``empty_row`` so that, under the causal mask, its first queries see no key."""
+    lengths = torch.randint(1, s_k + 1, (b,))
+    mask = torch.arange(s_k)[None, :] >= lengths[:, None]
+    if empty_row and s_k > 2:
+        mask[0, :2] = True
+    return mask
+
+
+def attention_spec(q, k, v, causal: bool, key_padding_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Attention by the definition, in q's dtype (pass fp64 tensors for the specification): query i sees key j iff
+    j <= i (causal, top-left) and key j is not padding; a query that sees no key outputs zeros. (B, S_q, H, D)."""
+    s_q, s_k = q.shape[1], k.shape[1]
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale  # (B, H, S_q, S_k)
+    see = torch.ones(s_q, s_k, dtype=torch.bool)
+    if causal:
+        see = torch.arange(s_k)[None, :] <= torch.arange(s_q)[:, None]
+    see = see[None, None].expand(q.shape[0], 1, s_q, s_k)
+    if key_padding_mask is not None:
+        see = see & ~key_padding_mask[:, None, None, :]
+    p = torch.softmax(scores.masked_fill(~see, -math.inf), -1).nan_to_num(0.0)  # empty rows: NaN -> 0
+    return torch.einsum("bhij,bjhd->bihd", p, v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# losses
+
+
+def trained_features(n: int, d: int, dtype=torch.float32, *, seed_noise: Tuple[float, float] = (0.02, 0.25)):
+    """Unit image/text features of a trained model: t_i = normalize(i_i + sigma_i * noise), sigma_i spread
+    log-uniformly over ``seed_noise``, so at scale 100 the rows range from p_ii = 1 - 1e-9 (cos(i_i, t_i) ~ 1,
+    every other pair cos ~ 0) to p_ii ~ 0.99. Leaves (N, D) requiring grad."""
+    img = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1)
+    lo, hi = seed_noise
+    sigma = torch.exp(torch.empty(n, 1, dtype=torch.float64).uniform_(math.log(lo), math.log(hi)))
+    txt = F.normalize(img + sigma * torch.randn(n, d, dtype=torch.float64) / math.sqrt(d), dim=-1)
+    return img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()
+
+
+def contrastive_spec(img, txt, scale, bias=None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """CLIP loss by the definition, in img's dtype (fp64 tensors: the specification; fp16: the naive fp16
+    computation): S = scale I T^T (+ bias); (CE(S, diag) + CE(S^T, diag)) / 2."""
+    s = scale * (img @ txt.T)
+    if bias is not None:
+        s = s + bias
+    labels = torch.arange(s.shape[0])
+    return (F.cross_entropy(s, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(s.T, labels, label_smoothing=label_smoothing)) / 2
+
+
+def siglip_spec(img, txt, scale, bias) -> torch.Tensor:
+    """SigLIP loss by the definition, in img's dtype: -sum_ij log sigmoid(z_ij (scale <i_i, t_j> + bias)) / N,
+    z = +1 on the diagonal, -1 elsewhere."""
+    s = scale * (img @ txt.T) + bias
+    z = 2 * torch.eye(*s.shape, dtype=s.dtype) - 1
+    return -F.logsigmoid(z * s).sum() / s.shape[0]
+
+
+def extreme_siglip_inputs(n: int, d: int, dtype=torch.float32):
+    """Features whose logits reach |S| ~ 1e3 at scale 1000 (beyond SigLIP's init of 10, as a diverged or
+    over-trained run reaches): matching pairs nearly parallel, a few anti-parallel, plus near-zero logits."""
+    img, txt = trained_features(n, d, torch.float64, seed_noise=(0.01, 0.5))
+    img, txt = img.detach().clone(), txt.detach().clone()
+    txt[1::3] = -txt[1::3]  # some positives at logit -scale: loss ~ scale, gradient saturated
+    return img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()

@@ -1,0 +1,100 @@
+"""Cross-attention on every backend: q, k, v distinct, S_q != S_k, k and v with different strides, causal +
+padding; and ``fastclip.nn.MultiheadAttention``'s separate-projection branch against torch's, biases included.
+
+Bounds: flash-attn's rule against the fp64 specification (``tests/regimes.py``): at most 2x (output) / 3x
+(gradients) the error of the same maths done naively in the inputs' dtype.
+"""
+import pytest
+import torch
+
+import fastclip
+from fastclip.nn import MultiheadAttention
+
+from .helpers import assert_within_naive, naive_error
+from .regimes import attention_spec, cross_attention_inputs, padding_mask, runnable_backends
+
+B, H, D = 2, 2, 16
+SHAPES = [(5, 13), (13, 5), (1, 7)]  # (S_q, S_k): fewer queries than keys, more, a single query
+MASKS = {"none": (False, False), "causal": (True, False), "padding": (False, True), "causal+padding": (True, True)}
+DTYPES = [torch.float32, torch.float16]
+
+
+def _cases():
+    """Every backend x dtype x shape x mask; causal + padding (the hardest) at the 2-D shapes in fp32 and at 13x5
+    in fp16 run by default, the rest is marked slow."""
+    for dtype in DTYPES:
+        for backend in runnable_backends("flash_attention", dtype, D):
+            for s_q, s_k in SHAPES:
+                for mask, (causal, padded) in MASKS.items():
+                    fast = mask == "causal+padding" and (s_q, s_k) in (SHAPES[:2] if dtype == torch.float32
+                                                                     else [(13, 5)])
+                    yield pytest.param(dtype, backend, s_q, s_k, causal, padded,
+                                       id=f"{str(dtype)[6:]}-{backend}-{s_q}x{s_k}-{mask}",
+                                       marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("dtype,backend,s_q,s_k,causal,padded", list(_cases()))
+def test_cross_attention(dtype, backend, s_q, s_k, causal, padded):
+    q, k, v, leaves = cross_attention_inputs(B, s_q, s_k, H, D, dtype)
+    mask = padding_mask(B, s_k) if padded else None
+    scale = 0.37  # not 1/sqrt(D): a kernel that ignores softmax_scale fails
+
+    out = fastclip.flash_attention(q, k, v, causal=causal, key_padding_mask=mask, softmax_scale=scale,
+                                   backend=backend)
+    assert out.dtype == dtype and out.shape == (B, s_q, H, D)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+
+    def spec(q_, k_, v_):
+        return attention_spec(q_, k_, v_, causal, mask, scale)
+
+    hi_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    hi_q, hi_packed, hi_v = hi_leaves
+    hi_out = spec(hi_q, hi_packed[:, :, 1], hi_v.transpose(1, 2))
+    hi_grads = torch.autograd.grad(hi_out, hi_leaves, dout.double())
+    naive = naive_error(spec, (q, k, v), dtype)
+    atol = 1e-6 if dtype == torch.float32 else 1e-4  # results the naive computation gets exactly (zero rows)
+    assert_within_naive("out", out, hi_out, naive, factor=2, atol=atol)
+
+    lo_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    lo_out = spec(lo_leaves[0], lo_leaves[1][:, :, 1], lo_leaves[2].transpose(1, 2))
+    lo_grads = torch.autograd.grad(lo_out, lo_leaves, dout)
+    for name, g, hi, lo in zip(("dq", "dk (packed)", "dv"), grads, hi_grads, lo_grads):
+        assert g.dtype == dtype and g.shape == hi.shape
+        naive_g = (lo.double() - hi).abs().max().item()
+        # dS = P (dP - delta) cancels: allow rounding of the terms, not of the (possibly zero) result
+        terms = scale * dout.abs().max().item() * leaves[2].abs().max().item() * (1 + hi.abs().max().item())
+        assert_within_naive(name, g, hi, naive_g, factor=3, atol=16 * atol * terms)
+    packed_grad = grads[1]
+    assert (packed_grad[:, :, 0] == 0).all() and (packed_grad[:, :, 2] == 0).all(), "gradient outside k's slot"
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_multihead_attention_separate_projections_equal_torch(batch_first, causal):
+    """query, key, value three tensors (S_q != S_k), non-zero biases: the separate-projection branch, vs torch's."""
+    e, heads, s_q, s_k, b = 32, 4, 5, 9, 3
+    ref = torch.nn.MultiheadAttention(e, heads, batch_first=batch_first, dtype=torch.float64)
+    with torch.no_grad():
+        ref.in_proj_bias.normal_()
+        ref.out_proj.bias.normal_()
+    ours = MultiheadAttention(e, heads, batch_first=batch_first, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+
+    def seq_first(x):
+        return x if batch_first else x.transpose(0, 1).contiguous()
+
+    query = seq_first(torch.randn(b, s_q, e, dtype=torch.float64))
+    key = seq_first(torch.randn(b, s_k, e, dtype=torch.float64))
+    value = seq_first(torch.randn(b, s_k, e, dtype=torch.float64))
+    pad = padding_mask(b, s_k, empty_row=False)
+    pad[:, 0] = False  # every query sees key 0, so torch's output is defined everywhere (no NaN rows)
+    attn_mask = torch.ones(s_q, s_k, dtype=torch.bool).triu(1) if causal else None  # torch: True = masked
+    out, weights = ours(query, key, value, key_padding_mask=pad, attn_mask=attn_mask, is_causal=causal)
+    ref_out, _ = ref(query, key, value, key_padding_mask=pad, attn_mask=attn_mask, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), list(ours.parameters()))
+    ref_grads = torch.autograd.grad(ref_out.sum(), list(ref.parameters()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,87 @@
+"""The losses where a trained model puts them, on every backend, against the fp64 specification.
+
+- Contrastive, trained regime: unit features with matching pairs nearly parallel at ``logit_scale = 100`` (p_ii
+  from 0.99 to 1 - 1e-9), odd N, with and without bias and label smoothing; loss and every gradient (features,
+  scale, bias).
+- SigLIP, extreme logits: |S| up to ~1e3 (scale 1000, positives at both ends), where exp overflows in fp32/fp16
+  and log(1 + e^x) must be computed as a softplus.
+
+Bounds: flash-attn's rule, err <= 2x (loss) / 3x (gradients) the error of the same maths done naively in the
+inputs' dtype, plus an atol of a few units of roundoff times the logits' size (that naive fp32/fp16 gets some
+results exactly, not that the kernels may be off by more).
+"""
+import pytest
+import torch
+
+import fastclip
+
+from .helpers import assert_within_naive, unit_roundoff
+from .regimes import contrastive_spec, extreme_siglip_inputs, runnable_backends, siglip_spec, trained_features
+
+N, D = 33, 64
+DTYPES = [torch.float32, torch.float16]
+
+
+def _cases(op):
+    """Every backend that runs here, in fp32 and fp16. "reference" in fp16 is the naive fp16 computation itself
+    (open_clip's maths in the features' dtype: with label smoothing its sum of log-probabilities overflows fp16
+    at N = 33), so it is its own bound and is checked in fp32 only."""
+    return [pytest.param(dtype, backend, id=f"{str(dtype)[6:]}-{backend}")
+            for dtype in DTYPES for backend in runnable_backends(op, dtype, D)
+            if not (backend == "reference" and dtype != torch.float32)]
+
+
+def _check(name, fast, spec, leaves, dtype, *, logit_size):
+    """fast(*leaves) vs spec(*fp64 leaves), value and every gradient, by flash-attn's rule."""
+    loss = fast(*leaves)
+    assert loss.dtype == dtype and loss.dim() == 0 and torch.isfinite(loss)
+    grads = torch.autograd.grad(loss, leaves)
+
+    hi = [t.detach().double().requires_grad_() for t in leaves]
+    lo = [t.detach().clone().requires_grad_() for t in leaves]
+    hi_loss, lo_loss = spec(*hi), spec(*lo)
+    hi_grads, lo_grads = torch.autograd.grad(hi_loss, hi), torch.autograd.grad(lo_loss, lo)
+    u = unit_roundoff(dtype)
+    assert_within_naive(f"{name} loss", loss, hi_loss, (lo_loss.double() - hi_loss).abs().item(), factor=2,
+                        atol=4 * u * logit_size)
+    for i, (g, h, low) in enumerate(zip(grads, hi_grads, lo_grads)):
+        assert g.dtype == leaves[i].dtype and g.shape == h.shape and torch.isfinite(g).all()
+        assert_within_naive(f"{name} grad[{i}]", g, h, (low.double() - h).abs().max().item(), factor=3,
+                            atol=4 * u * (1 + h.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype,backend", _cases("contrastive_loss"))
+@pytest.mark.parametrize("bias,smoothing", [(None, 0.0), (-3.0, 0.1)], ids=["plain", "bias+smoothing"])
+def test_contrastive_trained_regime(dtype, backend, bias, smoothing):
+    img, txt = trained_features(N, D, dtype)
+    scale = torch.tensor(100.0, dtype=dtype, requires_grad=True)
+    leaves = [img, txt, scale]
+    if bias is not None:
+        leaves.append(torch.tensor(bias, dtype=dtype, requires_grad=True))
+
+    def fast(i, t, s, b=None):
+        return fastclip.contrastive_loss(i, t, s, b, label_smoothing=smoothing, backend=backend)
+
+    def spec(i, t, s, b=None):
+        return contrastive_spec(i, t, s, b, label_smoothing=smoothing)
+
+    _check("contrastive", fast, spec, leaves, dtype, logit_size=100.0)
+
+
+def test_trained_regime_is_confident():
+    """The regime is what it claims: at scale 100 every p_ii > 0.9 and some are within 1e-6 of 1."""
+    img, txt = trained_features(N, D, torch.float64)
+    p_ii = torch.softmax(100 * img @ txt.T, dim=1).diagonal()
+    assert p_ii.min() > 0.9 and (1 - p_ii).min() < 1e-6
+
+
+@pytest.mark.parametrize("dtype,backend", _cases("siglip_loss"))
+def test_siglip_extreme_logits(dtype, backend):
+    img, txt = extreme_siglip_inputs(N, D, dtype)
+    scale = torch.tensor(1000.0, dtype=dtype, requires_grad=True)
+    bias = torch.tensor(-10.0, dtype=dtype, requires_grad=True)
+
+    def fast(i, t, s, b):
+        return fastclip.siglip_loss(i, t, s, b, backend=backend)
+
+    _check("siglip", fast, siglip_spec, [img, txt, scale, bias], dtype, logit_size=1000.0)

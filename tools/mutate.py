@@ -1,0 +1,144 @@
+"""Mutation testing of one fastclip module with mutmut, against the tests that cover it.
+
+    python tools/mutate.py fastclip/tokenizer.py            # mutate, run the mapped tests, print the score
+    python tools/mutate.py fastclip/losses.py --timeout 900 # bound the whole run (seconds)
+    python tools/mutate.py --list                            # the module -> tests map
+
+Each module gets its own work directory, ``.mutation/<module>/`` (ignored by git): a generated ``pyproject.toml``
+whose ``[tool.mutmut]`` section is the repository's with ``only_mutate`` set to the module and the test selection
+set to the module's tests (``MODULE_TESTS`` below), plus links to ``fastclip/`` and ``tests/``. mutmut copies the
+tree to ``mutants/`` there and caches its verdicts, so a second run only retries what changed. Inspect survivors
+from that directory: ``cd .mutation/fastclip.tokenizer && mutmut results`` / ``mutmut show <name>``.
+
+Score = killed / (mutants - equivalent), where the equivalent mutants are those recorded with a reason in
+``tests/mutation/equivalent.toml``. Tests run with a fixed seed (FASTCLIP_TEST_SEED, default 0) so verdicts repeat.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutation"
+EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.toml"
+
+# module -> the test files (pytest node ids allowed) that exercise it
+MODULE_TESTS = {
+    "fastclip/tokenizer.py": ["tests/test_tokenizer.py", "tests/test_regimes_tokenizer.py"],
+    "fastclip/transforms.py": ["tests/test_transforms.py", "tests/test_regimes_transforms.py"],
+    "fastclip/losses.py": ["tests/test_contrastive.py", "tests/test_siglip.py", "tests/test_regimes_losses.py"],
+    "fastclip/distributed.py": ["tests/test_distributed.py", "tests/test_regimes_distributed.py"],
+    "fastclip/functional.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
+    "fastclip/siglip.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
+    "fastclip/attention.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
+    "fastclip/nn.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
+    "fastclip/ops/registry.py": ["tests/test_contrastive.py", "tests/test_regimes_dispatch.py"],
+    "fastclip/ops/torch_chunked.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
+    "fastclip/ops/torch_siglip.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
+    "fastclip/ops/torch_attention.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
+    "fastclip/ops/reference.py": ["tests/test_contrastive.py", "tests/test_siglip.py", "tests/test_regimes_losses.py"],
+    "fastclip/models/transformer.py": ["tests/test_models.py", "tests/test_regimes_models.py"],
+    "fastclip/models/factory.py": ["tests/test_models.py", "tests/test_regimes_models.py"],
+}
+
+# mutmut's exit-code verdicts (mutmut.__main__.status_by_exit_code)
+KILLED = {1, 3, -24, 24, 152, 36, 37}  # failed test, timeout (SIGXCPU), type check
+TIMEOUT = {-24, 24, 152}
+SURVIVED = {0, 5}
+NO_TESTS = {33}
+
+
+def load_equivalent() -> dict:
+    if not EQUIVALENT.exists():
+        return {}
+    return {k: v for k, v in tomllib.loads(EQUIVALENT.read_text()).items()}
+
+
+def work_dir(module: str) -> Path:
+    return WORK / module.removesuffix(".py").replace("/", ".")
+
+
+def prepare(module: str) -> Path:
+    """The module's work directory: links to the sources and tests, a pyproject.toml aimed at this module."""
+    tests = [t for t in MODULE_TESTS[module] if (ROOT / t.split("::")[0]).exists()]
+    wd = work_dir(module)
+    wd.mkdir(parents=True, exist_ok=True)
+    for name in ("fastclip", "tests"):
+        link = wd / name
+        if not link.is_symlink():
+            link.symlink_to(ROOT / name)
+    text = (ROOT / "pyproject.toml").read_text()
+    base = tomllib.loads(text)["tool"]["mutmut"]
+    section = dict(base, only_mutate=[module], pytest_add_cli_args_test_selection=tests)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in section.items()]
+    pytest_cfg = tomllib.loads(text)["tool"]["pytest"]["ini_options"]
+    lines_pytest = [f"{k} = {json.dumps(v)}" for k, v in pytest_cfg.items()]
+    (wd / "pyproject.toml").write_text("[tool.mutmut]\n" + "\n".join(lines) + "\n\n[tool.pytest.ini_options]\n"
+                                       + "\n".join(lines_pytest) + "\n")
+    return wd
+
+
+def results(wd: Path, module: str) -> dict:
+    """Per-mutant exit codes from mutmut's metadata for ``module``."""
+    meta = wd / "mutants" / (module + ".meta")
+    if not meta.exists():
+        return {}
+    return json.loads(meta.read_text())["exit_code_by_key"]
+
+
+def score(module: str, codes: dict, equivalent: dict) -> tuple[str, list]:
+    codes = {k: c for k, c in codes.items() if c is not None}  # mutants not tried yet (a stopped run)
+    equiv = {k for k in codes if k in equivalent}
+    timeouts = sum(c in TIMEOUT for k, c in codes.items() if k not in equiv)
+    killed = [k for k, c in codes.items() if c in KILLED and k not in equiv]
+    survived = sorted(k for k, c in codes.items() if c not in KILLED and k not in equiv)
+    denom = len(codes) - len(equiv)
+    pct = 100.0 * len(killed) / denom if denom else 100.0
+    line = (f"{module}: {len(codes)} mutants, {len(killed)} killed, {len(equiv)} equivalent, "
+            f"{len(survived)} not killed -> {pct:.1f}% of non-equivalent (timeouts counted as killed: {timeouts})")
+    return line, survived
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("module", nargs="?", help="e.g. fastclip/tokenizer.py")
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds for the whole mutmut run (default 1200)")
+    ap.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2)")
+    ap.add_argument("--report", action="store_true", help="only print the score of the last run")
+    ap.add_argument("--list", action="store_true", help="print the module -> tests map")
+    args = ap.parse_args()
+    if args.list:
+        for m, t in MODULE_TESTS.items():
+            print(f"{m}: {' '.join(t)}")
+        return 0
+    if args.module not in MODULE_TESTS:
+        ap.error(f"module must be one of: {', '.join(MODULE_TESTS)}")
+    if shutil.which("mutmut") is None:
+        ap.error("mutmut is not installed: pip install -e '.[test]'")
+    wd = prepare(args.module)
+    if not args.report:
+        # one torch thread per worker: the workers are forked from a process that has imported torch, and a
+        # shared 2-core machine gains nothing from oversubscription
+        env = dict(os.environ, FASTCLIP_TEST_SEED=os.environ.get("FASTCLIP_TEST_SEED", "0"), OMP_NUM_THREADS="1",
+                   MKL_NUM_THREADS="1")
+        try:
+            subprocess.run(["mutmut", "run", "--max-children", str(args.max_children)], cwd=wd, env=env,
+                           timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"mutmut stopped after {args.timeout} s; the score counts the mutants tried so far",
+                  file=sys.stderr)
+    line, survived = score(args.module, results(wd, args.module), load_equivalent())
+    print(line)
+    for name in survived:
+        print("  not killed:", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
