@@ -1,12 +1,12 @@
 """Input regimes the rest of the suite does not visit, shared by the ``test_regimes_*`` files.
 
 Each regime is a small function returning fresh inputs, plus an independent fp64 specification written here
-(not imported from ``fastclip.ops.reference``, so a bug there cannot hide a bug elsewhere):
+(not imported from ``fastclip.ops.*.reference``, so a bug there cannot hide a bug elsewhere):
 
 - cross-attention: q, k, v distinct tensors, S_q != S_k, k and v with different strides (k a strided slice of a
   packed projection, v a transposed view of a (B, H, S, D) buffer), causal + padding;
-- a trained model's features: image and text embeddings of matching pairs nearly parallel, so at
-  ``logit_scale = 100`` the diagonal probabilities p_ii are within 1e-9 .. 1e-2 of 1 (the softmax cancels);
+- a trained model's features: matching pairs at cos 0.45 .. 0.6, unrelated pairs near 0, so at
+  ``logit_scale = 100`` the diagonal probabilities p_ii are within 1e-3 .. 1e-12 of 1 (the softmax cancels);
 - extreme SigLIP logits: |logit_scale * cos + bias| up to ~1e3, where a naive sigmoid or log(1 + e) overflows.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastclip.ops.registry import supports
+from fastclip.dispatch import supports
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -75,14 +75,16 @@ def attention_spec(q, k, v, causal: bool, key_padding_mask: Optional[torch.Tenso
 # losses
 
 
-def trained_features(n: int, d: int, dtype=torch.float32, *, seed_noise: Tuple[float, float] = (0.02, 0.25)):
-    """Unit image/text features of a trained model: t_i = normalize(i_i + sigma_i * noise), sigma_i spread
-    log-uniformly over ``seed_noise``, so at scale 100 the rows range from p_ii = 1 - 1e-9 (cos(i_i, t_i) ~ 1,
-    every other pair cos ~ 0) to p_ii ~ 0.99. Leaves (N, D) requiring grad."""
+def trained_features(n: int, d: int, dtype=torch.float32, *, cos: Tuple[float, float] = (0.45, 0.6)):
+    """Unit image/text features of a trained model: cos(i_i, t_i) = c_i, spread uniformly over ``cos``, with the
+    text's other component random. At D = 64 the unrelated pairs have cos ~ N(0, 1/D), so at scale 100 the
+    diagonal leads its row by 10 to 35 logits: p_ii from ~0.999 to 1 - 1e-12, where softmax - 1 cancels and a
+    loss of ~1e-6 sits next to logits of ~50. Leaves (N, D) requiring grad."""
     img = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1)
-    lo, hi = seed_noise
-    sigma = torch.exp(torch.empty(n, 1, dtype=torch.float64).uniform_(math.log(lo), math.log(hi)))
-    txt = F.normalize(img + sigma * torch.randn(n, d, dtype=torch.float64) / math.sqrt(d), dim=-1)
+    other = torch.randn(n, d, dtype=torch.float64)
+    other = F.normalize(other - (other * img).sum(-1, keepdim=True) * img, dim=-1)  # orthogonal to img
+    c = torch.empty(n, 1, dtype=torch.float64).uniform_(*cos)
+    txt = c * img + (1 - c ** 2).sqrt() * other
     return img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()
 
 
@@ -108,7 +110,7 @@ def siglip_spec(img, txt, scale, bias) -> torch.Tensor:
 def extreme_siglip_inputs(n: int, d: int, dtype=torch.float32):
     """Features whose logits reach |S| ~ 1e3 at scale 1000 (beyond SigLIP's init of 10, as a diverged or
     over-trained run reaches): matching pairs nearly parallel, a few anti-parallel, plus near-zero logits."""
-    img, txt = trained_features(n, d, torch.float64, seed_noise=(0.01, 0.5))
+    img, txt = trained_features(n, d, torch.float64, cos=(0.1, 1.0))
     img, txt = img.detach().clone(), txt.detach().clone()
     txt[1::3] = -txt[1::3]  # some positives at logit -scale: loss ~ scale, gradient saturated
     return img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()

@@ -37,36 +37,48 @@ def _cases():
 def test_cross_attention(dtype, backend, s_q, s_k, causal, padded):
     q, k, v, leaves = cross_attention_inputs(B, s_q, s_k, H, D, dtype)
     mask = padding_mask(B, s_k) if padded else None
-    scale = 0.37  # not 1/sqrt(D): a kernel that ignores softmax_scale fails
 
-    out = fastclip.flash_attention(q, k, v, causal=causal, key_padding_mask=mask, softmax_scale=scale,
-                                   backend=backend)
-    assert out.dtype == dtype and out.shape == (B, s_q, H, D)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, dout)
+    def fast(q_, k_, v_, scale):
+        return fastclip.flash_attention(q_, k_, v_, causal=causal, key_padding_mask=mask, softmax_scale=scale,
+                                        backend=backend)
+
+    check_cross_attention(fast, leaves, causal, mask)
+
+
+def check_cross_attention(fast, leaves, causal, mask, scale=0.37):
+    """fast(q, k, v, scale) on the views of ``leaves`` (from ``cross_attention_inputs``) vs the fp64 spec: output
+    and the gradients of the three buffers, by flash-attn's rule. scale is not 1/sqrt(D): a kernel that ignores
+    softmax_scale fails."""
+    q, packed, v_bhsd = leaves
+    dtype = q.dtype
+
+    def views(q_, packed_, v_):
+        return q_, packed_[:, :, 1], v_.transpose(1, 2)
 
     def spec(q_, k_, v_):
         return attention_spec(q_, k_, v_, causal, mask, scale)
 
+    out = fast(*views(*leaves), scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+
     hi_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    hi_q, hi_packed, hi_v = hi_leaves
-    hi_out = spec(hi_q, hi_packed[:, :, 1], hi_v.transpose(1, 2))
+    hi_out = spec(*views(*hi_leaves))
     hi_grads = torch.autograd.grad(hi_out, hi_leaves, dout.double())
-    naive = naive_error(spec, (q, k, v), dtype)
+    naive = naive_error(spec, views(*leaves), dtype)
     atol = 1e-6 if dtype == torch.float32 else 1e-4  # results the naive computation gets exactly (zero rows)
     assert_within_naive("out", out, hi_out, naive, factor=2, atol=atol)
 
     lo_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    lo_out = spec(lo_leaves[0], lo_leaves[1][:, :, 1], lo_leaves[2].transpose(1, 2))
-    lo_grads = torch.autograd.grad(lo_out, lo_leaves, dout)
+    lo_grads = torch.autograd.grad(spec(*views(*lo_leaves)), lo_leaves, dout)
     for name, g, hi, lo in zip(("dq", "dk (packed)", "dv"), grads, hi_grads, lo_grads):
         assert g.dtype == dtype and g.shape == hi.shape
         naive_g = (lo.double() - hi).abs().max().item()
         # dS = P (dP - delta) cancels: allow rounding of the terms, not of the (possibly zero) result
-        terms = scale * dout.abs().max().item() * leaves[2].abs().max().item() * (1 + hi.abs().max().item())
+        terms = scale * dout.abs().max().item() * v_bhsd.abs().max().item() * (1 + hi.abs().max().item())
         assert_within_naive(name, g, hi, naive_g, factor=3, atol=16 * atol * terms)
-    packed_grad = grads[1]
-    assert (packed_grad[:, :, 0] == 0).all() and (packed_grad[:, :, 2] == 0).all(), "gradient outside k's slot"
+    assert (grads[1][:, :, 0] == 0).all() and (grads[1][:, :, 2] == 0).all(), "gradient outside k's slot"
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

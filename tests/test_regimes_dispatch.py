@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastclip
-from fastclip.ops.registry import BackendError, ops, select, supports
+from fastclip.dispatch import BackendError, ops, select, supports
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ROWS = [pytest.param(op, name, id=f"{op}-{name}") for op in ops() for name in supports(op)]
