@@ -55,3 +55,15 @@ def test_context_length_bounds():
 def test_context_length_zero_is_refused():
     with pytest.raises(ValueError, match="context_length"):
         tk.Tokenizer()(["a"], context_length=0)
+
+
+def test_decode_of_a_fresh_tokenizer_equals_open_clip():
+    """decode on a new instance (not the shared default), text and byte tokens that are not UTF-8 on their own."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok, ref = tk.Tokenizer(), SimpleTokenizer()
+    ids = tok.encode("naïve café 東京 <end_of_text> a photo")
+    assert ids == ref.encode("naïve café 東京 <end_of_text> a photo")
+    assert tok.decode(ids) == ref.decode(ids)
+    lone = [tok.encoder[tok.byte_encoder[b]] for b in (0xE6, 0x9D, 0xFF)]  # a cut multi-byte char, a stray byte
+    assert tok.decode(lone) == ref.decode(lone) and "\ufffd" in tok.decode(lone)

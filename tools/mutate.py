@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -130,12 +131,21 @@ def main() -> int:
         # shared 2-core machine gains nothing from oversubscription
         env = dict(os.environ, FASTCLIP_TEST_SEED=os.environ.get("FASTCLIP_TEST_SEED", "0"), OMP_NUM_THREADS="1",
                    MKL_NUM_THREADS="1")
-        try:
-            subprocess.run(["mutmut", "run", "--max-children", str(args.max_children)], cwd=wd, env=env,
-                           timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"mutmut stopped after {args.timeout} s; the score counts the mutants tried so far",
-                  file=sys.stderr)
+        # first the mutants without a verdict, then the cached survivors again (mutmut keeps a verdict unless
+        # the mutant is named), so a test added since the last run gets its chance to kill them
+        deadline = time.monotonic() + args.timeout
+        survivors = score(args.module, results(wd, args.module), load_equivalent())[1]
+        for names in ([], survivors):
+            if names is survivors and not names:
+                break
+            left = deadline - time.monotonic()
+            try:
+                subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *names], cwd=wd,
+                               env=env, timeout=max(left, 1))
+            except subprocess.TimeoutExpired:
+                print(f"mutmut stopped after {args.timeout} s; the score counts the mutants tried so far",
+                      file=sys.stderr)
+                break
     line, survived = score(args.module, results(wd, args.module), load_equivalent())
     print(line)
     for name in survived:
