@@ -10,7 +10,7 @@ import torch
 import fastclip
 from fastclip.nn import MultiheadAttention
 
-from .helpers import assert_within_naive, naive_error
+from .helpers import assert_within_naive, naive_error, unit_roundoff
 from .regimes import attention_spec, cross_attention_inputs, padding_mask, runnable_backends
 
 B, H, D = 2, 2, 16
@@ -75,9 +75,10 @@ def check_cross_attention(fast, leaves, causal, mask, scale=0.37):
     for name, g, hi, lo in zip(("dq", "dk (packed)", "dv"), grads, hi_grads, lo_grads):
         assert g.dtype == dtype and g.shape == hi.shape
         naive_g = (lo.double() - hi).abs().max().item()
-        # dS = P (dP - delta) cancels: allow rounding of the terms, not of the (possibly zero) result
-        terms = scale * dout.abs().max().item() * v_bhsd.abs().max().item() * (1 + hi.abs().max().item())
-        assert_within_naive(name, g, hi, naive_g, factor=3, atol=16 * atol * terms)
+        # dS = P (dP - delta) cancels: allow a few roundings of its terms (scale |dO| |V|), which the naive
+        # computation may happen to get exactly (a query with one visible key has dq = 0 exactly)
+        terms = scale * dout.abs().max().item() * v_bhsd.abs().max().item()
+        assert_within_naive(name, g, hi, naive_g, factor=3, atol=8 * unit_roundoff(dtype) * terms)
     assert (grads[1][:, :, 0] == 0).all() and (grads[1][:, :, 2] == 0).all(), "gradient outside k's slot"
 
 

