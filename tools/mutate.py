@@ -97,6 +97,7 @@ def results(wd: Path, module: str) -> dict:
 
 
 def score(module: str, codes: dict, equivalent: dict) -> tuple[str, list]:
+    total = len(codes)
     codes = {k: c for k, c in codes.items() if c is not None}  # mutants not tried yet (a stopped run)
     equiv = {k for k in codes if k in equivalent}
     timeouts = sum(c in TIMEOUT for k, c in codes.items() if k not in equiv)
@@ -104,7 +105,7 @@ def score(module: str, codes: dict, equivalent: dict) -> tuple[str, list]:
     survived = sorted(k for k, c in codes.items() if c not in KILLED and k not in equiv)
     denom = len(codes) - len(equiv)
     pct = 100.0 * len(killed) / denom if denom else 100.0
-    line = (f"{module}: {len(codes)} mutants, {len(killed)} killed, {len(equiv)} equivalent, "
+    line = (f"{module}: {len(codes)} of {total} mutants tried, {len(killed)} killed, {len(equiv)} equivalent, "
             f"{len(survived)} not killed -> {pct:.1f}% of non-equivalent (timeouts counted as killed: {timeouts})")
     return line, survived
 
