@@ -54,6 +54,8 @@ def _is_causal_mask(attn_mask: Tensor, n_q: int, n_k: int, dtype: torch.dtype) -
     of the query's dtype (-inf above the diagonal, 0 elsewhere, as open_clip's text tower builds it)."""
     if attn_mask.shape != (n_q, n_k) or attn_mask.dtype not in (torch.bool, dtype):
         return False
+    if torch.compiler.is_compiling():  # reading values would break the graph: torch's path
+        return False
 
     def answer():
         above = _causal_pattern(n_q, n_k, attn_mask.device)
@@ -64,23 +66,30 @@ def _is_causal_mask(attn_mask: Tensor, n_q: int, n_k: int, dtype: torch.dtype) -
     return _FACTS.get(attn_mask, ("causal", n_q, n_k), answer)
 
 
-def _padding_as_bool(key_padding_mask: Tensor, dtype: torch.dtype, causal: bool) -> Optional[Tensor]:
+def _padding_as_bool(key_padding_mask: Tensor, dtype: torch.dtype, causal: bool,
+                     blind_differs: bool) -> Optional[Tensor]:
     """key_padding_mask (B, S_k) as bool (True = padding), or None where the kernel would differ from torch: a float
-    mask with values other than 0 and -inf (an additive bias), or a query that sees no key at all (torch returns
-    NaN for it, the kernel zeros)."""
+    mask with values other than 0 and -inf (an additive bias), or, with ``blind_differs``, a query that sees no key
+    at all (the kernel gives it zeros, torch's native inference path NaN)."""
     m = key_padding_mask
     if m.dtype not in (torch.bool, dtype):
+        return None
+    if m.dtype == torch.bool and not blind_differs:
+        return m
+    if torch.compiler.is_compiling():  # reading values would break the graph: torch's path
         return None
 
     def answer():
         pad = m if m.dtype == torch.bool else m == float("-inf")
         if m.dtype != torch.bool and not torch.equal(m, torch.zeros_like(m).masked_fill_(pad, float("-inf"))):
             return None
+        if not blind_differs:
+            return pad
         # causal: query i sees keys 0..i, so some query is blind iff key 0 is padding; else iff a row is all padding
         blind = pad[:, 0].any() if causal else pad.all(-1).any()
         return None if blind.item() else pad
 
-    return _FACTS.get(m, ("padding", dtype, causal), answer)
+    return _FACTS.get(m, ("padding", dtype, causal, blind_differs), answer)
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -182,10 +191,17 @@ class MultiheadAttention(nn.MultiheadAttention):
             if (not isinstance(key_padding_mask, Tensor) or key_padding_mask.shape != (key.shape[batch], n_k)
                     or key_padding_mask.device != query.device):
                 return None
-            padding = _padding_as_bool(key_padding_mask, query.dtype, causal)
+            padding = _padding_as_bool(key_padding_mask, query.dtype, causal, self._torch_may_run_native(query))
             if padding is None:
                 return None
         return causal, padding
+
+    def _torch_may_run_native(self, query: Tensor) -> bool:
+        """Whether torch's forward may take its native inference path, which gives NaN (not zeros, as its SDPA path
+        and the kernel do) to a query that sees no key. That path needs autograd off for the inputs and the
+        projections; the inputs here have passed _fused_plan's checks."""
+        tensors = (query, self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
+        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
     def _heads(self, x: Tensor) -> Tensor:
         """(B, S, E) or (S, B, E) -> a (B, S, H, D) view."""

@@ -106,8 +106,8 @@ MASKS = {
     "pad-additive": (None, "additive", False, False),
     "attn-additive": ("additive", None, False, False),
     "attn-3d": ("3d", None, False, False),
-    "pad-blind": (None, "blind", False, False),
-    "causal+pad-blind": ("bool", "blind-causal", False, False),
+    "pad-blind": (None, "blind", False, True),  # zeros for the blind queries, as torch's SDPA path
+    "causal+pad-blind": ("bool", "blind-causal", False, True),
 }
 
 
@@ -180,6 +180,25 @@ def test_dropout_in_eval_runs_fused(fused_calls):
     x, _, _ = _inputs(2, 7, 7, False, torch.float64, cross=False)
     _compare(ref, ours, x, x, x, dict(need_weights=False), exact=False)
     assert len(fused_calls) == 1
+
+
+@pytest.mark.parametrize("kind", ["pad-bool", "pad-blind", "causal+pad-blind"])
+def test_inference_matches_torch(kind, fused_calls):
+    """Autograd off: torch's native path gives NaN to a query that sees no key; such masks go to torch."""
+    b, s = 3, 9
+    ref, ours = _pair(batch_first=True)
+    ref.eval(), ours.eval()
+    x = torch.randn(b, s, E, dtype=torch.float64)
+    kw, _ = _masks(kind, b, s, s, torch.float64)
+    kw = dict(kw, need_weights=False)
+    with torch.no_grad():
+        out, out_r = ours(x, x, x, **kw)[0], ref(x, x, x, **kw)[0]
+    if kind == "pad-bool":
+        assert_close("out", out, out_r, rtol=1e-10, atol=1e-10)
+    else:
+        assert out_r.isnan().any() and torch.equal(out.isnan(), out_r.isnan())
+        assert torch.equal(out.nan_to_num(), out_r.nan_to_num())
+    assert len(fused_calls) == int(kind == "pad-bool")
 
 
 @pytest.mark.parametrize("average", [True, False])
