@@ -41,10 +41,10 @@ class _MaskFacts:
         return value
 
 
-_FACTS = _MaskFacts()
+MASK_FACTS = _MaskFacts()
 
 
-def _causal_pattern(n_q: int, n_k: int, device) -> Tensor:
+def causal_pattern(n_q: int, n_k: int, device) -> Tensor:
     """(n_q, n_k) bool, True above the diagonal: the keys query i may not see (j > i), torch's bool convention."""
     return torch.ones(n_q, n_k, dtype=torch.bool, device=device).triu(1)
 
@@ -58,12 +58,12 @@ def _is_causal_mask(attn_mask: Tensor, n_q: int, n_k: int, dtype: torch.dtype) -
         return False
 
     def answer():
-        above = _causal_pattern(n_q, n_k, attn_mask.device)
+        above = causal_pattern(n_q, n_k, attn_mask.device)
         if attn_mask.dtype == torch.bool:
             return torch.equal(attn_mask, above)
         return torch.equal(attn_mask, torch.zeros_like(attn_mask).masked_fill_(above, float("-inf")))
 
-    return _FACTS.get(attn_mask, ("causal", n_q, n_k), answer)
+    return MASK_FACTS.get(attn_mask, ("causal", n_q, n_k), answer)
 
 
 def _padding_as_bool(key_padding_mask: Tensor, dtype: torch.dtype, causal: bool,
@@ -89,7 +89,7 @@ def _padding_as_bool(key_padding_mask: Tensor, dtype: torch.dtype, causal: bool,
         blind = pad[:, 0].any() if causal else pad.all(-1).any()
         return None if blind.item() else pad
 
-    return _FACTS.get(m, ("padding", dtype, causal, blind_differs), answer)
+    return MASK_FACTS.get(m, ("padding", dtype, causal, blind_differs), answer)
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -154,7 +154,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         if plan is None:
             if is_causal and attn_mask is None:  # torch needs the mask with the hint; give it the causal one
                 seq = 1 if self.batch_first and query.dim() == 3 else 0
-                attn_mask = _causal_pattern(query.shape[seq], key.shape[seq], query.device)
+                attn_mask = causal_pattern(query.shape[seq], key.shape[seq], query.device)
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)

@@ -2,9 +2,9 @@
 through ``python -m fastclip.integrations.open_clip_train``, CLIP and SigLIP, and writes each run's per-step losses
 to ``<out>/losses-<rank>.json``. Used by tests/test_integrations_open_clip.py, alone or under torchrun (gloo).
 
-    python tests/open_clip_train_run.py OUT [--steps N] [--ring]
+    python tests/open_clip_train_run.py OUT [--steps N] [--ring] [--extra=ARG ...]
 
-``--ring`` adds runs with ``--fastclip-loss-impl ring``.
+``--ring`` adds runs with ``--fastclip-loss-impl ring``; ``--extra=ARG`` passes ARG to the fastclip runs.
 """
 import argparse
 import json
@@ -56,6 +56,7 @@ def main():
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--ring", action="store_true")
+    p.add_argument("--extra", action="append", default=[], help="an argument for the fastclip runs")
     cli = p.parse_args()
     config = os.path.join(cli.out, "fastclip-tiny.json")
     with open(config, "w") as f:
@@ -99,7 +100,7 @@ def main():
             if run == "stock":
                 train.main(argv)
             else:
-                launcher.main(argv + (["--fastclip-loss-impl", "ring"] if run == "fastclip-ring" else []))
+                launcher.main(argv + cli.extra + (["--fastclip-loss-impl", "ring"] if run == "fastclip-ring" else []))
             results[f"{kind}-{run}"] = dict(record)
     with open(os.path.join(cli.out, f"losses-{os.environ.get('RANK', 0)}.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -364,13 +364,9 @@ def test_gpu_head_dims(d, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_auto_picks_triton_and_mha_bf16():
+def test_gpu_auto_picks_triton():
     assert select("flash_attention", "auto", device=torch.device("cuda"), dtype=torch.bfloat16,
                   dim=64).backend == "triton"
-    ref, ours = _pair(768, 12, True, "triton", torch.float32)
-    ref, ours = ref.cuda().bfloat16(), ours.cuda().bfloat16()
-    x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16)
-    assert_close("out", ours(x)[0].float(), ref(x, x, x, need_weights=False)[0].float(), rtol=2e-2, atol=2e-2)
 
 
 def test_bench_smoke(tmp_path):

@@ -129,8 +129,8 @@ def _masks(kind, b, s_q, s_k, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's, mixing mask types
-@pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("kind", list(MASKS))
+@pytest.mark.parametrize("kind,batch_first", [(kind, i % 2 == 0) for i, kind in enumerate(MASKS)] + [
+    ("causal-float", True), ("pad-float", False)])
 def test_matches_torch_self_attention(batch_first, kind, fused_calls):
     b, s = 3, 11
     ref, ours = _pair(batch_first=batch_first)
@@ -140,8 +140,8 @@ def test_matches_torch_self_attention(batch_first, kind, fused_calls):
     assert len(fused_calls) == int(fused), "fused" if fused else "torch's path"
 
 
-@pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("kind", ["none", "pad-bool", "pad-float", "causal-bool", "pad-additive"])
+@pytest.mark.parametrize("kind,batch_first", [("none", False), ("pad-bool", True), ("pad-float", False),
+                                              ("causal-bool", True), ("pad-additive", False)])
 def test_matches_torch_cross_attention(batch_first, kind, fused_calls):
     b, s_q, s_k = 2, 5, 9
     ref, ours = _pair(batch_first=batch_first)
@@ -151,9 +151,9 @@ def test_matches_torch_cross_attention(batch_first, kind, fused_calls):
     assert len(fused_calls) == int(fused)
 
 
-@pytest.mark.parametrize("config", [dict(kdim=24, vdim=40), dict(add_bias_kv=True), dict(add_zero_attn=True),
-                                    dict(bias=False), dict(dropout=0.3)])
-@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("config,batch_first", [(dict(kdim=24, vdim=40), False), (dict(add_bias_kv=True), True),
+                                                (dict(add_zero_attn=True), False), (dict(bias=False), True),
+                                                (dict(dropout=0.3), False), (dict(dropout=0.3), True)])
 def test_matches_torch_other_configs(config, batch_first, fused_calls):
     """Configurations outside the kernel run torch's path, bit for bit (dropout: the same random stream)."""
     b, s_q, s_k = 2, 6, 7
@@ -279,8 +279,8 @@ def test_from_torch_shares_parameters(config):
 def test_mask_values_read_once_per_tensor(monkeypatch):
     """One mask object through many layers: its values are read once; an in-place change is seen."""
     reads = []
-    real = fnn._causal_pattern
-    monkeypatch.setattr(fnn, "_causal_pattern", lambda *a: reads.append(a) or real(*a))
+    real = fnn.causal_pattern
+    monkeypatch.setattr(fnn, "causal_pattern", lambda *a: reads.append(a) or real(*a))
     mha = fastclip.nn.MultiheadAttention(E, H, batch_first=True)
     x = torch.randn(2, 5, E)
     mask = _causal(5, 5, "float", torch.float32)
@@ -320,6 +320,19 @@ def test_loads_open_clip_block(fused_calls):
     assert_close("out", ours(x, x, x, need_weights=False, attn_mask=causal_mask)[0].detach(), expect.detach(),
                  rtol=1e-10, atol=1e-12)
     assert len(fused_calls) == 1 and fused_calls[0]["causal"]
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_vit_layer(fused_calls):
+    """A ViT-B layer in bf16 on the GPU with open_clip's text mask: fused (auto picks triton) and torch's values."""
+    ref = torch.nn.MultiheadAttention(768, 12, batch_first=True, device="cuda", dtype=torch.bfloat16)
+    ours = fastclip.nn.MultiheadAttention.from_torch(ref)
+    x = torch.randn(8, 77, 768, device="cuda", dtype=torch.bfloat16)
+    mask = torch.full((77, 77), float("-inf"), device="cuda", dtype=torch.bfloat16).triu(1)
+    out = ours(x, x, x, need_weights=False, attn_mask=mask)[0]
+    assert len(fused_calls) == 1
+    assert_close("out", out.float(), ref(x, x, x, need_weights=False, attn_mask=mask)[0].float(), rtol=2e-2,
+                 atol=2e-2)
 
 
 def test_bad_arguments():

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fastclip.functional import contrastive_loss, siglip_loss
-from fastclip.nn import _FACTS, _causal_pattern
+from fastclip.nn import MASK_FACTS, causal_pattern
 from fastclip.ops.attention import flash_attention
 
 __all__ = ["patch", "unpatch", "register", "attention_forward", "ATTN_IMPLEMENTATION"]
@@ -61,11 +61,11 @@ def _mask_as_padding(mask: Tensor, batch: int, n_q: int, n_k: int) -> Optional[t
         keys = m[:, -1]  # (B, S_k): what the last query sees, every unpadded key under either pattern
         if torch.equal(m, keys[:, None, :].expand_as(m)):
             return False, ~keys
-        if n_q == n_k and torch.equal(m, keys[:, None, :] & ~_causal_pattern(n_q, n_k, m.device)):
+        if n_q == n_k and torch.equal(m, keys[:, None, :] & ~causal_pattern(n_q, n_k, m.device)):
             return True, ~keys
         return None
 
-    return _FACTS.get(mask, ("hf", batch, n_q, n_k), answer)
+    return MASK_FACTS.get(mask, ("hf", batch, n_q, n_k), answer)
 
 
 def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
