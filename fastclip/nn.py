@@ -109,10 +109,13 @@ class MultiheadAttention(nn.MultiheadAttention):
       - ``attn_mask`` None or the causal mask, (L, S) bool with True above the diagonal or float of the query's
         dtype with -inf above the diagonal and 0 elsewhere (open_clip's text mask). With ``is_causal=True`` and no
         ``key_padding_mask`` the mask is not read, as torch does with the hint;
-      - ``key_padding_mask`` None, bool (B, S) (True = padding), or float with only 0 and -inf, and no query left
-        without a key (torch gives NaN there).
-    The mask values are read once per mask tensor (a device sync), then remembered while that tensor lives
-    unmodified, so a tower that passes one mask to every layer syncs once per forward.
+      - ``key_padding_mask`` None, bool (B, S) (True = padding), or float with only 0 and -inf. A query left
+        without any key gets zeros, as from torch's SDPA path; torch's native inference path (autograd off) gives
+        it NaN, so with autograd off such masks go to torch.
+    Mask values (float masks; bool padding with autograd off) are read once per mask tensor (a device sync), then
+    remembered while that tensor lives unmodified: a tower that passes one mask to every layer syncs once per
+    forward. Under ``torch.compile`` values are not read: pass ``is_causal=True`` with the causal mask and a bool
+    ``key_padding_mask`` to stay fused.
 
     Beyond torch: ``is_causal=True`` without ``attn_mask`` means causal attention (torch raises). Earlier
     versions of this class defaulted to ``batch_first=True`` and ``need_weights=False`` and made ``key``/``value``
