@@ -128,3 +128,11 @@ def test_patch_refuses_models_without_its_loss():
         fc_transformers.patch(model)
     fc_transformers.patch(model, loss=False)
     assert model.config._attn_implementation == "fastclip"
+
+
+def test_from_pretrained_with_fastclip_attention(tmp_path):
+    """register(): attn_implementation="fastclip" is accepted where transformers takes one, down to the towers."""
+    fc_transformers.register()
+    _model("siglip").save_pretrained(tmp_path)
+    model = transformers.SiglipModel.from_pretrained(tmp_path, attn_implementation="fastclip")
+    assert model.text_model.config._attn_implementation == model.vision_model.config._attn_implementation == "fastclip"
