@@ -341,3 +341,17 @@ def test_bad_arguments():
     mha = fastclip.nn.MultiheadAttention(16, 2)
     with pytest.raises(AssertionError, match="16"):  # torch's own check, through torch's path
         mha(torch.randn(3, 1, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8), need_weights=False)
+
+
+def test_autocast_open_clip_text_layer(fused_calls):
+    """open_clip's AMP text layer: fp32 residual stream and mask, bf16 projections under autocast; fused, and
+    torch's values within bf16 rounding."""
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    ours = fastclip.nn.MultiheadAttention.from_torch(ref, backend="torch")
+    x = torch.randn(2, 9, E)
+    mask = _causal(9, 9, "float", torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x, x, x, need_weights=False, attn_mask=mask)[0]
+        expect = ref(x, x, x, need_weights=False, attn_mask=mask)[0]
+    assert len(fused_calls) == 1 and fused_calls[0]["causal"] and out.dtype == expect.dtype
+    assert_close("out", out.float(), expect.float(), rtol=2e-2, atol=2e-2)
