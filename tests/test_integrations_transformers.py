@@ -14,6 +14,9 @@ TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 
 
 def _config(kind):
+    if kind == "siglip2":
+        return transformers.Siglip2Config(text_config=dict(TOWER, vocab_size=99, max_position_embeddings=16),
+                                          vision_config=dict(TOWER, num_patches=16, patch_size=8))
     if kind == "clip":
         return transformers.CLIPConfig(text_config=dict(TOWER, vocab_size=99, max_position_embeddings=16),
                                        vision_config=dict(TOWER, image_size=32, patch_size=8), projection_dim=16)
@@ -22,12 +25,12 @@ def _config(kind):
 
 
 def _model(kind):
-    cls = transformers.CLIPModel if kind == "clip" else transformers.SiglipModel
+    cls = dict(clip=transformers.CLIPModel, siglip=transformers.SiglipModel, siglip2=transformers.Siglip2Model)[kind]
     torch.manual_seed(0)
     model = cls(_config(kind)).double()
     with torch.no_grad():  # trained-like scale (100 for CLIP) and a bias, so confident logits are tested
         model.logit_scale.fill_(4.6 if kind == "clip" else 2.3)
-        if kind == "siglip":
+        if kind != "clip":
             model.logit_bias.fill_(-3.0)
     return model
 
@@ -40,6 +43,10 @@ def _inputs(kind, n=7, seq=12):
     if kind == "clip":  # CLIP pools at the highest token id (EOS): put it at each text's end
         ids[mask == 0] = 0
         ids[torch.arange(n), mask.sum(1) - 1] = 99 - 1
+    if kind == "siglip2":  # patches as the processor gives them: (n, 16 patches, 3 * 8 * 8), a 4 x 4 grid
+        pixels = torch.randn(n, 16, 3 * 8 * 8, dtype=torch.float64)
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                    pixel_attention_mask=torch.ones(n, 16, dtype=torch.long), spatial_shapes=torch.tensor([[4, 4]] * n))
     return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(n, 3, 32, 32, dtype=torch.float64))
 
 
@@ -49,7 +56,7 @@ def _run(model, inputs, **kw):
     return out, grads
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "siglip2"])
 def test_patched_loss_and_gradients(kind, monkeypatch):
     """fastclip's loss from the embeddings: the model's own value and every parameter's gradient; never the
     logits (the loss functions transformers uses are made to fail)."""

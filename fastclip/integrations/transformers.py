@@ -3,7 +3,7 @@ fastclip's flash attention as ``attn_implementation="fastclip"``.
 
     from fastclip.integrations import transformers as fc_transformers
 
-    model = CLIPModel(config)                    # or SiglipModel, from_pretrained(...), *WithProjection
+    model = CLIPModel(config)                    # or SiglipModel, Siglip2Model, from_pretrained(...), *WithProjection
     fc_transformers.patch(model)                 # return_loss=True: fastclip's fused loss; attention: fastclip's
     out = model(input_ids=ids, pixel_values=px, return_loss=True)
 
@@ -106,11 +106,11 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
 
 
 def _loss_kind(model) -> str:
-    from transformers import CLIPModel, SiglipModel
+    from transformers import CLIPModel, Siglip2Model, SiglipModel
 
     if isinstance(model, CLIPModel):
         return "clip"
-    if isinstance(model, SiglipModel):
+    if isinstance(model, (SiglipModel, Siglip2Model)):
         return "siglip"
     return ""
 
@@ -119,8 +119,9 @@ def patch(model, *, attention: bool = True, loss: bool = True, backend: str = "a
     """Make ``model`` use fastclip, in place; returns ``model``.
 
     Args:
-        model: a transformers ``CLIPModel`` or ``SiglipModel`` (loss and attention), or any other transformers
-            model (attention only: ``CLIPTextModelWithProjection``, ``CLIPVisionModelWithProjection``...).
+        model: a transformers ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model`` (loss and attention), or any
+            other transformers model (attention only: ``CLIPTextModelWithProjection``,
+            ``CLIPVisionModelWithProjection``...).
         attention: ``register()`` and ``model.set_attn_implementation("fastclip")``.
         loss: ``forward(..., return_loss=True)`` computes the loss with fastclip's fused loss from
             ``image_embeds`` and ``text_embeds`` (CLIP: ``contrastive_loss`` with ``logit_scale.exp()``; SigLIP:
@@ -129,7 +130,8 @@ def patch(model, *, attention: bool = True, loss: bool = True, backend: str = "a
     """
     kind = _loss_kind(model)
     if loss and not kind:
-        raise TypeError(f"fastclip computes the loss of CLIPModel and SiglipModel, got {type(model).__name__}; "
+        raise TypeError(f"fastclip computes the loss of CLIPModel, SiglipModel and Siglip2Model, got "
+                        f"{type(model).__name__}; "
                         f"pass loss=False to patch only the attention")
     if getattr(model, "_fastclip_forward", None) is not None:
         raise RuntimeError(f"{type(model).__name__} is already patched by fastclip; call unpatch(model) first")
