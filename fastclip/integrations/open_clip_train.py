@@ -26,8 +26,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the losses' exchange across processes ('ring': both losses, per-rank memory linear in the "
                         "local batch; SigLIP also 'bidir', 'shift', 'reduce', 'gather'); default: open_clip's "
                         "(--loss-dist-impl for SigLIP)")
-    p.add_argument("--fastclip-backend", default="auto", help="fastclip backend for losses and attention "
-                                                              "(auto, torch, triton, cuda, reference)")
+    p.add_argument("--fastclip-backend", default="auto", choices=("auto", "torch", "triton", "cuda", "reference"),
+                   help="fastclip's backend for the losses and the attention (default: auto)")
     p.add_argument("--fastclip-chunk-size", type=int, default=None, help="rows per chunk on the 'torch' backend")
     p.add_argument("--fastclip-attention", action=argparse.BooleanOptionalAction, default=True,
                    help="replace the model's nn.MultiheadAttention layers by fastclip's (default: yes)")
