@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,7 +62,7 @@ NO_TESTS = {33}
 def load_equivalent() -> dict:
     if not EQUIVALENT.exists():
         return {}
-    return {k: v for k, v in tomllib.loads(EQUIVALENT.read_text()).items()}
+    return tomllib.loads(EQUIVALENT.read_text())
 
 
 def work_dir(module: str) -> Path:
@@ -139,11 +140,14 @@ def main() -> int:
         for names in ([], survivors):
             if names is survivors and not names:
                 break
-            left = deadline - time.monotonic()
+            # its own session, so that a timeout stops mutmut's fork server and workers too
+            proc = subprocess.Popen(["mutmut", "run", "--max-children", str(args.max_children), *names], cwd=wd,
+                                    env=env, start_new_session=True)
             try:
-                subprocess.run(["mutmut", "run", "--max-children", str(args.max_children), *names], cwd=wd,
-                               env=env, timeout=max(left, 1))
+                proc.wait(timeout=max(deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 print(f"mutmut stopped after {args.timeout} s; the score counts the mutants tried so far",
                       file=sys.stderr)
                 break
