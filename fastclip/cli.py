@@ -1,10 +1,12 @@
 """The ``fastclip`` command.
 
     fastclip info                      versions, devices, every backend and why it is (not) available
+    fastclip train [options]           train CLIP or SigLIP (``fastclip train --help``)
     fastclip bench loss [options]      the contrastive-loss benchmark (``fastclip bench loss --help``)
     fastclip bench siglip [options]    the SigLIP sigmoid-loss benchmark
     fastclip bench attention [options] the attention benchmark (``fastclip bench attention --help``)
     fastclip bench towers [options]    training steps of the CLIP towers against open_clip
+    fastclip bench train [options]     max batch and samples/s of fastclip train against open_clip_train
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 
 # benchmark name -> module with main(argv)
 BENCHES = {"loss": "fastclip.bench.loss", "siglip": "fastclip.bench.siglip", "attention": "fastclip.bench.attention",
-           "towers": "fastclip.bench.towers"}
+           "towers": "fastclip.bench.towers", "train": "fastclip.bench.train"}
 
 
 def main(argv=None) -> int:
@@ -27,6 +29,10 @@ def main(argv=None) -> int:
         from fastclip.info import main as info_main
 
         return info_main()
+    if cmd == "train":
+        from fastclip.train.cli import main as train_main
+
+        return train_main(rest)
     if cmd == "bench":
         if not rest or rest[0] not in BENCHES:
             print(f"usage: fastclip bench {{{','.join(sorted(BENCHES))}}} [options]", file=sys.stderr)
