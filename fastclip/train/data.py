@@ -168,7 +168,8 @@ def expand_shards(pattern: str) -> List[str]:
 class ShardSource:
     """webdataset tar shards (img2dataset layout): a stream per rank over its shards, shard order shuffled per
     epoch. A sample without an image or a caption, or whose image does not decode, is skipped; so is the rest of a
-    truncated shard (counted once)."""
+    shard cut inside a member (counted once; a shard cut exactly between members reads as a shorter shard, since a
+    tar stream has no index to tell)."""
 
     def __init__(self, pattern: str):
         self.shards = expand_shards(pattern)
