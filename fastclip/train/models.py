@@ -14,7 +14,7 @@ import torch
 
 TINY_MODELS: Dict[str, dict] = {
     "tiny": {"embed_dim": 64,
-             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 4, "head_width": 32},
              "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},
 }
 # SigLIP's initialization (Zhai et al. 2023): t' = log 10, b = -10
