@@ -266,6 +266,7 @@ def _cfg(tmp_path, *extra):
                     "--log-every", "1", "--eval-samples", "24"] + list(extra))
 
 
+@pytest.mark.slow
 def test_train_smoke_writes_run(tmp_path, capsys):
     argv = ["--data", "synthetic", "--out", str(tmp_path / "run"), "--batch-size", "8", "--steps", "3", "--log-every",
             "2", "--eval-samples", "24", "--micro-batch", "3", "--loss", "siglip", "--grad-clip", "1.0"]

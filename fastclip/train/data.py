@@ -37,7 +37,7 @@ COLOURS = {"red": (215, 30, 30), "green": (30, 160, 50), "blue": (35, 70, 225), 
            "purple": (135, 45, 180), "orange": (245, 135, 20)}
 SHAPES = {"circle": ("circle", "round shape", "disc"), "square": ("square", "box", "square shape"),
           "triangle": ("triangle", "triangular shape"), "cross": ("cross", "plus sign")}
-SIZES = {"small": 0.16, "medium": 0.25, "large": 0.36}  # half-width of the shape, as a fraction of the image side
+SIZES = {"small": 0.2, "medium": 0.28, "large": 0.38}  # half-width of the shape, as a fraction of the image side
 BACKGROUNDS = {"white": (235, 235, 235), "light grey": (185, 185, 185), "grey": (128, 128, 128),
                "dark grey": (70, 70, 70), "black": (18, 18, 18), "beige": (225, 210, 180)}
 TEMPLATES = ("a photo of a {size} {colour} {shape}.", "a {colour} {shape}.", "a {size} {colour} {shape} {where}.",
