@@ -1,7 +1,7 @@
 """Training checkpoints: written atomically, with everything a run needs to continue exactly.
 
-A checkpoint holds the model's state dict (open_clip's keys, so ``fastclip.create_model(name, pretrained=path)`` and
-open_clip load it), the optimizer, scheduler and grad scaler, the step, and per rank the data loader's position and
+A checkpoint holds the model's state dict under ``"state_dict"`` (open_clip's keys and open_clip_train's layout, so
+``fastclip.create_model(name, pretrained=path)``, ``fastclip train --pretrained path`` and open_clip load it), the optimizer, scheduler and grad scaler, the step, and per rank the data loader's position and
 every random state (Python, NumPy, torch's CPU and CUDA generators). It is written to a temporary file in the same
 folder, flushed to disk and renamed over the target, so a run killed at any moment leaves either the old checkpoint
 or the new one, never a torn file.
@@ -20,13 +20,17 @@ LAST = "last.pt"
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every random state, in types ``torch.load(weights_only=True)`` accepts (NumPy's key array as a list)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -77,8 +81,7 @@ def last_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def load(path: str) -> dict:
-    # our own file with Python and NumPy random states inside: not loadable with weights_only
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 __all__ = ["rng_state", "set_rng_state", "atomic_save", "save", "load", "last_checkpoint"]

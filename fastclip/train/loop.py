@@ -237,7 +237,7 @@ class Trainer:
         if self.world > 1:
             ranks = [None] * self.world
             dist.all_gather_object(ranks, mine)
-        return {"step": self.step, "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"step": self.step, "state_dict": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "ranks": ranks,
                 "world_size": self.world, "config": self.cfg}
 
@@ -253,7 +253,7 @@ class Trainer:
         if state["world_size"] != self.world:
             raise ValueError(f"--resume: {path} was written by {state['world_size']} process(es), this run has "
                              f"{self.world}; resume with the same number of processes")
-        self.module.load_state_dict(state["model"])
+        self.module.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

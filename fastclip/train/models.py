@@ -1,6 +1,6 @@
 """The models ``fastclip train`` builds: any ``fastclip.list_models()`` name, plus the tiny configs below.
 
-The tiny configs (open_clip's config format) are for CPU demos and tests: a 32 x 32 ViT with 8 x 8 patches and a
+The tiny configs (open_clip's config format) are for CPU demos and tests: a 32 x 32 ViT with 4 x 4 patches and a
 short-context text tower, about 3.4M parameters (3.2M of them the token embedding of CLIP's 49,408-token vocabulary).
 They are built with :class:`fastclip.models.CLIP`, the class every named model uses.
 """
