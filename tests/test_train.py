@@ -311,3 +311,48 @@ def test_logit_scale_is_clamped(tmp_path):
         trainer.module.logit_scale.fill_(6.0)
     trainer.train_step(*next(trainer.loader))
     assert trainer.module.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE, rel=1e-7)
+
+
+@pytest.mark.slow
+def test_gradient_caching_memory_is_flat_in_batch_size():
+    from fastclip.bench.common import cpu_peak_supported, peak_memory_mb
+
+    if not cpu_peak_supported():
+        pytest.skip("no /proc/self/clear_refs: the CPU peak memory cannot be measured here")
+    cfg = dict(MICRO, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=4, head_width=32))
+    model = CLIP(**cfg)
+    loss_fn = build_loss("clip", None, 0, 1)
+
+    def peak(n, micro):
+        images, texts = torch.randn(n, 3, 32, 32), torch.randint(1, 100, (n, 8))
+
+        def step():
+            model.zero_grad(set_to_none=False)
+            backward_step(model, loss_fn, images, texts, micro_batch=micro)
+
+        step()
+        return peak_memory_mb(step, torch.device("cpu"))
+
+    full = peak(128, None) - peak(16, None)
+    cached = peak(128, 8) - peak(16, 8)
+    print(f"peak memory growth from N = 16 to 128: {full:.1f} MB whole batch, {cached:.1f} MB with M = 8")
+    assert full > 20  # the towers' activations grow with the batch ...
+    assert cached < 0.15 * full, (cached, full)  # ... but not with gradient caching at a fixed micro-batch
+
+
+def test_image_folder_eval_set(tmp_path):
+    import fastclip
+
+    for name, colour in (("red_thing", (200, 0, 0)), ("blue_thing", (0, 0, 200))):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            (tmp_path / name / f"{i}.png").write_bytes(_png(colour))
+    (tmp_path / "red_thing" / "broken.jpg").write_bytes(b"not an image")
+    images, labels, names = D.image_folder_set(str(tmp_path), fastclip.image_transform(16))
+    assert names == ["blue thing", "red thing"] and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert images.shape == (6, 3, 16, 16)
+    (tmp_path / "names.txt").write_text("a blue square\n")
+    with pytest.raises(ValueError, match="1 names for 2 class folders"):
+        D.image_folder_set(str(tmp_path), fastclip.image_transform(16), str(tmp_path / "names.txt"))
+    with pytest.raises(FileNotFoundError, match="--eval-data"):
+        D.image_folder_set(str(tmp_path / "nope"), fastclip.image_transform(16))
