@@ -214,15 +214,16 @@ def _decode_shard_sample(sample: Optional[dict]) -> Tuple[Image.Image, str]:
 class CachedTokenizer:
     """``fastclip.tokenize`` with a cache of recent captions (synthetic captions repeat; BPE is the slow part)."""
 
-    def __init__(self, context_length: int, cache_size: int = 1 << 16):
+    def __init__(self, context_length: int, cache_size: int = 1 << 14):
         import fastclip
 
         self.context_length = context_length
+        # ids as a tuple of ints: ~200 bytes a caption, where a tensor view would keep a numpy array alive
         self._one = functools.lru_cache(maxsize=cache_size)(
-            lambda text: fastclip.tokenize(text, context_length=context_length)[0])
+            lambda text: tuple(fastclip.tokenize(text, context_length=context_length)[0].tolist()))
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        return torch.stack([self._one(t) for t in texts])  # (n, context_length)
+        return torch.tensor([self._one(t) for t in texts], dtype=torch.int64)  # (n, context_length)
 
 
 # -- the loader -------------------------------------------------------------------------------------------------------
