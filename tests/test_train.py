@@ -274,7 +274,7 @@ def test_train_smoke_writes_run(tmp_path, capsys):
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3]
-    for key in ("loss", "lr", "logit_scale", "logit_bias", "samples_per_s", "peak_mem_mb"):
+    for key in ("loss", "lr", "logit_scale", "logit_bias", "samples_per_s", "peak_mem_mb", "elapsed_s"):
         assert math.isfinite(rows[-1][key]), key
     assert rows[-1]["chance"] == pytest.approx(1 / 24) and 0 <= rows[-1]["zeroshot_top1"] <= 1
     assert rows[0]["logit_scale"] == pytest.approx(10.0, rel=0.05)  # SigLIP's initialization

@@ -171,6 +171,12 @@ class Trainer:
         self.eval_set = self._eval_set() if self.is_main else None
         self.step = 0
         self.last_saved: Optional[tuple] = None  # (step, path)
+        self._elapsed_before = 0.0  # wall seconds of training before this process (from the checkpoint)
+        self._t_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Wall seconds spent in the run so far, earlier processes of a resumed run included."""
+        return self._elapsed_before + time.perf_counter() - self._t_start
 
     # -- pieces --------------------------------------------------------------------------------------------------
 
@@ -239,7 +245,7 @@ class Trainer:
             dist.all_gather_object(ranks, mine)
         return {"step": self.step, "state_dict": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "ranks": ranks,
-                "world_size": self.world, "config": self.cfg}
+                "world_size": self.world, "config": self.cfg, "elapsed_s": self.elapsed()}
 
     def save(self) -> None:
         state = self.state_dict()  # every rank joins the gather
@@ -258,6 +264,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
+        self._elapsed_before, self._t_start = state["elapsed_s"], time.perf_counter()
         mine = state["ranks"][self.rank]
         self.loader.load_state_dict(mine["data"])
         ckpt.set_rng_state(mine["rng"])
@@ -324,7 +331,7 @@ class Trainer:
                               "logit_scale": float(self.module.logit_scale.detach().exp()),
                               "samples_per_s": steps_since * cfg["batch_size"] / max(now - t_last, 1e-9),
                               "peak_mem_mb": peak_memory_mb(self.device), "epoch": self.loader.epoch,
-                              "skipped_samples": self.loader.skipped}
+                              "skipped_samples": self.loader.skipped, "elapsed_s": self.elapsed()}
                     if self.module.logit_bias is not None:
                         record["logit_bias"] = float(self.module.logit_bias.detach())
                     if evaluating and self.is_main:
