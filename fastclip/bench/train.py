@@ -216,7 +216,8 @@ def run(args) -> List[Row]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastclip bench train", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="'tiny' or a fastclip.list_models() name (default: tiny on the CPU, ViT-B-32 on "
                                    "a GPU)")
     p.add_argument("--batch", type=int, nargs="+", help="global batch sizes (multiples of --micro-batch)")

@@ -1,10 +1,11 @@
 """Training checkpoints: written atomically, with everything a run needs to continue exactly.
 
 A checkpoint holds the model's state dict under ``"state_dict"`` (open_clip's keys and open_clip_train's layout, so
-``fastclip.create_model(name, pretrained=path)``, ``fastclip train --pretrained path`` and open_clip load it), the optimizer, scheduler and grad scaler, the step, and per rank the data loader's position and
-every random state (Python, NumPy, torch's CPU and CUDA generators). It is written to a temporary file in the same
-folder, flushed to disk and renamed over the target, so a run killed at any moment leaves either the old checkpoint
-or the new one, never a torn file.
+``fastclip.create_model(name, pretrained=path)``, ``fastclip train --pretrained path`` and open_clip load it), the
+optimizer, scheduler and grad scaler, the step, and per rank the data loader's position and every random state
+(Python, NumPy, torch's CPU and CUDA generators). It is written to a temporary file in the same folder, flushed to
+disk and renamed over the target, so a run killed at any moment leaves either the old checkpoint or the new one,
+never a torn file.
 """
 from __future__ import annotations
 

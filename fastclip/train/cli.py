@@ -27,7 +27,8 @@ DEFAULTS = dict(
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastclip train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 argument_default=argparse.SUPPRESS)
     d = DEFAULTS
     g = p.add_argument_group("data")

@@ -251,7 +251,8 @@ class Loader:
     "skipped" (unreadable samples so far)}; ``load_state_dict`` continues from there, bit for bit.
     """
 
-    def __init__(self, source, batch_size: int, *, transform: Callable, tokenizer: Callable[[Sequence[str]], torch.Tensor],
+    def __init__(self, source, batch_size: int, *, transform: Callable,
+                 tokenizer: Callable[[Sequence[str]], torch.Tensor],
                  rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -327,7 +328,8 @@ class Loader:
         return torch.stack(images), self.tokenizer(captions)
 
 
-def heldout_set(seed: int, image_size: int, n: int, transform: Callable) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+def heldout_set(seed: int, image_size: int, n: int,
+                transform: Callable) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """The synthetic held-out split's first ``n`` images (n, 3, H, W), labels (n,) and the class names."""
     ds = SyntheticShapes(seed, "heldout", image_size)
     images = torch.stack([transform(ds[i][0]) for i in range(n)])
@@ -367,4 +369,5 @@ def image_folder_set(root: str, transform: Callable, classnames: Optional[str] =
 
 
 __all__ = ["SyntheticShapes", "TableSource", "ShardSource", "Loader", "make_source", "expand_shards", "heldout_set",
-           "image_folder_set", "CachedTokenizer", "COLOURS", "SHAPES", "SIZES", "BACKGROUNDS", "TEMPLATES", "CLASS_TEMPLATES"]
+           "image_folder_set", "CachedTokenizer", "COLOURS", "SHAPES", "SIZES", "BACKGROUNDS", "TEMPLATES",
+           "CLASS_TEMPLATES"]
