@@ -4,6 +4,7 @@ import json
 import math
 import os
 import tarfile
+from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -356,3 +357,18 @@ def test_image_folder_eval_set(tmp_path):
         D.image_folder_set(str(tmp_path), fastclip.image_transform(16), str(tmp_path / "names.txt"))
     with pytest.raises(FileNotFoundError, match="--eval-data"):
         D.image_folder_set(str(tmp_path / "nope"), fastclip.image_transform(16))
+
+
+@pytest.mark.slow
+def test_bench_train_runs_every_provider(tmp_path):
+    from fastclip.bench import train as bench
+
+    csv = str(tmp_path / "train.csv")
+    rows = bench.run(Namespace(device="cpu", model="tiny", batch=[4, 8], micro_batch=4, provider=None,
+                               memory_budget_mb=None, rep=1, csv=csv))
+    assert [r.provider for r in rows] == [p for p in bench.PROVIDERS for _ in (4, 8)]
+    assert all(math.isfinite(r.ms_p50) and r.ms_p50 > 0 for r in rows)
+    assert [r.mode for r in rows if r.provider == "open_clip-accum"] == ["accum=1", "accum=2"]
+    assert os.path.getsize(csv) > 0 and (tmp_path / "train.png").stat().st_size > 0
+    assert bench.max_batches(rows, float("inf")) == {p: 8 for p in bench.PROVIDERS}
+    assert bench.max_batches(rows, -1.0) == {p: 0 for p in bench.PROVIDERS}
