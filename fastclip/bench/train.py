@@ -177,6 +177,12 @@ def run(args) -> List[Row]:
     if any(b % micro for b in batches):
         raise ValueError(f"every --batch must be a multiple of --micro-batch {micro}: {batches}")
     providers = args.provider or list(PROVIDERS)
+    try:
+        import open_clip_train  # noqa: F401
+    except ImportError:
+        providers = [p for p in providers if not p.startswith("open_clip")]
+        print("# open_clip_train is not installed: fastclip rows only (pip install 'open-clip-torch[training]')",
+              file=sys.stderr)
     budget = args.memory_budget_mb or (torch.cuda.get_device_properties(device).total_memory / 2**20 if gpu
                                        else float("inf"))
     precision = "bf16" if gpu else "fp32"
