@@ -1,0 +1,347 @@
+"""What the GPU will run: every Triton kernel configuration the launchers pick, compiled as a launch compiles it.
+
+No GPU is needed. Triton's driver is replaced by one that reports a chosen GPU target (sm_90, sm_80), and each
+kernel's ``run`` is made to compile without launching (``warmup=True``). The launchers themselves
+(``contrastive_fwd``, ``siglip_fwd``, ``attention_bwd``...) are then called on CPU example tensors of real shapes,
+so each kernel goes through the JIT's own binder: the launcher's constexprs and block configs, stride-1
+specialization, divisibility-16 hints on pointers and integers, the JIT's cache key (one compile per distinct
+specialization). The cubin is read back with the ``cuobjdump`` Triton ships:
+
+- ``registers``, ``local`` (bytes of local memory per thread: spills or a stack frame), from ``-res-usage``;
+- ``shared`` (bytes of shared memory per program), from the compiled kernel's metadata;
+- ``hgmma`` / ``hmma`` (warp-group and warp MMA instructions), ``ldgsts`` (cp.async) / ``utmaldg`` (TMA) from SASS;
+- ``dots`` (``tt.dot`` in Triton IR) and ``wgmma_dots`` (``warp_group_dot`` in TritonGPU IR).
+
+Every kernel is then checked (:data:`CHECKS`); where one does not meet a check today, :data:`EXPECTED_FAILURES`
+says why, in one place. ``tests/test_triton_compile.py`` runs this in a subprocess (``TRITON_INTERPRET`` must be
+unset before Triton is imported). By hand::
+
+    python tests/triton_static.py                      # the typical launches, sm_90: one JSON line per kernel
+    python tests/triton_static.py --all --arch 90 80   # every configuration over the input domain below
+    python tests/triton_static.py --all --arch 90 80 --notes benchmarks/NOTES.md   # rewrite NOTES.md's table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+os.environ.pop("TRITON_INTERPRET", None)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from fastclip.ops.triton import attention as ATT  # noqa: E402
+from fastclip.ops.triton import contrastive as CON  # noqa: E402
+from fastclip.ops.triton import siglip as SIG  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes of shared memory one block may use (opt-in maximum)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Expectations. A (kernel, check) pair listed here fails today for the reason given; the test fails both on any
+# other failure and when a listed pair passes for every configuration (then delete its line).
+EXPECTED_FAILURES = {
+    ("contrastive_bwd", "wgmma_tile"): "BLOCK_M is 16-32 for D >= 512: the dots lower to mma.sync (issue 11, "
+                                       "item 4: a BLOCK_M = 64 backward)",
+    ("siglip_grad", "wgmma_tile"): "the gradient pass uses the contrastive backward's tiles (BLOCK_M 16-32 for "
+                                   "D >= 512; issue 11, item 4)",
+    ("attention_bwd", "wgmma_tile"): "BLOCK_M = 32 query tiles: mma.sync (issue 11, item 4)",
+    ("attention_bwd", "pipelined"): "head dims > 64 run with num_stages = 1; the dQ read-modify-write is "
+                                    "synchronous (issue 11, item 4)",
+    ("attention_fwd", "pipelined"): "fp32 with head dim <= 64 runs with num_stages = 1",
+    ("contrastive_bwd", "no_spills"): "D = 2048 (BLOCK_D 2048) spills: the (BLOCK_M, D) accumulator does not fit "
+                                      "in registers (a D split is issue 11, item 4)",
+    ("siglip_grad", "no_spills"): "D = 2048 spills, as the contrastive backward",
+}
+
+
+def _is_16bit(r):
+    return r["dtype"] in ("bf16", "fp16")
+
+
+# check name -> (applies to this kernel?, passes?, what it asserts)
+CHECKS = {
+    "wgmma": (lambda r: r["arch"] == 90 and _is_16bit(r) and r["config"]["BLOCK_M"] >= 64,
+              lambda r: r["dots"] > 0 and r["wgmma_dots"] == r["dots"] and r["hgmma"] > 0,
+              "sm_90, 16-bit inputs, BLOCK_M >= 64: every tt.dot lowers to warp_group_dot (HGMMA in SASS)"),
+    "wgmma_tile": (lambda r: r["arch"] == 90 and _is_16bit(r) and r["dots"] > 0,
+                   lambda r: r["config"]["BLOCK_M"] >= 64,
+                   "sm_90, 16-bit inputs: tiles of BLOCK_M >= 64, so that the dots can use wgmma"),
+    "pipelined": (lambda r: r["dots"] > 0,
+                  lambda r: r["num_stages"] >= 2 and r["ldgsts"] + r["utmaldg"] > 0,
+                  "the hot loop's loads are pipelined: num_stages >= 2 and cp.async (LDGSTS) or TMA in SASS"),
+    "no_spills": (lambda r: True, lambda r: r["local"] == 0, "no local memory (spills or stack frame): 0 bytes"),
+    "shared_fits": (lambda r: True, lambda r: r["shared"] <= SHARED_LIMIT[r["arch"]],
+                    "shared memory within the architecture's per-block limit (227 KB sm_90, 163 KB sm_80)"),
+}
+
+
+def check_failures(rows):
+    """{(kernel, check): [rows that fail it]} over every row the check applies to."""
+    out = {}
+    for r in rows:
+        for name, (applies, passes, _) in CHECKS.items():
+            if applies(r) and not passes(r):
+                out.setdefault((r["kernel"], name), []).append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launches. Each case calls a launcher exactly as fastclip's ops do, with CPU tensors of the given shape.
+
+def _feat(n, d, dtype):
+    return torch.randn(n, d, dtype=torch.float32).to(DTYPES[dtype])
+
+
+def launch_contrastive(n, d, dtype, bias=False, smoothing=0.0):
+    img, txt = _feat(n, d, dtype), _feat(n, d, dtype)
+    scale = torch.tensor(100.0)
+    b = torch.tensor(-10.0) if bias else None
+    _, row_stats, col_stats = CON.contrastive_fwd(img, txt, scale, b, smoothing)
+    CON.contrastive_bwd(torch.tensor(1.0), img, txt, scale, b, row_stats, col_stats, smoothing)
+
+
+def launch_siglip(n, d, dtype, bias=True, negative_only=False):
+    img, txt = _feat(n, d, dtype), _feat(n, d, dtype)
+    scale, b = torch.tensor(10.0), (torch.tensor(-10.0) if bias else None)
+    SIG.siglip_fwd(img, txt, scale, b, negative_only, compute_grad=False)
+    SIG.siglip_fwd(img, txt, scale, b, negative_only, compute_grad=True)
+    SIG.siglip_bwd_text(torch.tensor(1.0), img, txt, scale, b, negative_only)
+
+
+def launch_attention(batch, seq, heads, head_dim, dtype, causal=False, padding=False):
+    q, k, v = (torch.randn(batch, seq, heads, head_dim).to(DTYPES[dtype]) for _ in range(3))
+    mask = None
+    if padding:  # key_padding_mask: True = padding, as torch's
+        mask = torch.arange(seq)[None, :] >= torch.randint(1, seq + 1, (batch, 1))
+    scale = head_dim ** -0.5
+    out, lse = ATT.attention_fwd(q, k, v, mask, causal, scale)
+    ATT.attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask, causal, scale)
+
+
+# The launches training and evaluation make: CLIP ViT-B/L and text towers, losses at large batch.
+TYPICAL = [
+    (launch_contrastive, dict(n=65536, d=512, dtype="bf16")),
+    (launch_contrastive, dict(n=65536, d=768, dtype="bf16")),
+    (launch_siglip, dict(n=16384, d=768, dtype="bf16")),
+    (launch_attention, dict(batch=256, seq=197, heads=12, head_dim=64, dtype="bf16")),
+    (launch_attention, dict(batch=256, seq=77, heads=8, head_dim=64, dtype="bf16", causal=True, padding=True)),
+]
+
+# Every configuration: the launchers' block configs depend on the dtype, the (padded) feature or head dim, the
+# sequence length and the flags; this domain covers each branch of their config functions (checked by
+# tests/test_triton_compile.py::test_domain_covers_every_config against the config functions themselves).
+FEATURE_DIMS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 2048)
+HEAD_DIMS = (16, 32, 64, 80, 128)
+
+
+def all_cases():
+    cases = []
+    for dtype in DTYPES:
+        for d in FEATURE_DIMS:
+            cases.append((launch_contrastive, dict(n=65536, d=d, dtype=dtype)))
+            cases.append((launch_siglip, dict(n=16384, d=d, dtype=dtype)))
+        cases.append((launch_contrastive, dict(n=65536, d=512, dtype=dtype, bias=True, smoothing=0.1)))
+        cases.append((launch_siglip, dict(n=16384, d=512, dtype=dtype, bias=False, negative_only=True)))
+        for hd in HEAD_DIMS:
+            for seq, causal, padding in ((197, False, False), (77, True, True), (577, False, False),
+                                         (1024, True, False)):
+                cases.append((launch_attention, dict(batch=8, seq=seq, heads=4, head_dim=hd, dtype=dtype,
+                                                     causal=causal, padding=padding)))
+    return cases
+
+
+def launcher_configs(feature_dims, head_dims, seqs):
+    """Every (launcher, config) the launchers' own config functions return over these inputs (no compile)."""
+    out = set()
+    freeze = lambda c: tuple(sorted(c.items()))
+    for dtype in DTYPES.values():
+        for d in feature_dims:
+            out.add(("contrastive_fwd", freeze(CON._fwd_config(65536, d, dtype))))
+            out.add(("contrastive_bwd", freeze(CON._bwd_config(65536, d, dtype))))
+            for grad in (False, True):
+                out.add((f"siglip_{'grad' if grad else 'loss'}", freeze(SIG._config(16384, d, dtype, grad))))
+        for hd in head_dims:
+            for s in seqs:
+                out.add(("attention_fwd", freeze(ATT._fwd_config(s, s, hd, dtype))))
+                out.add(("attention_bwd", freeze(ATT._bwd_config(s, s, hd, dtype))))
+    return out
+
+
+def domain_configs():
+    """The configs the exhaustive domain (:func:`all_cases`) reaches."""
+    return launcher_configs(FEATURE_DIMS, HEAD_DIMS, sorted({kw["seq"] for fn, kw in all_cases() if "seq" in kw}))
+
+
+MAX_FEATURE_DIM, MAX_HEAD_DIM = 2048, 128  # the triton backend's limits (its Support rows' max_dim)
+
+
+def every_config():
+    """The configs any supported input reaches: every feature and head dim; sequence lengths sampled up to 4096 and at the 512 boundary."""
+    return launcher_configs(range(1, MAX_FEATURE_DIM + 1), range(1, MAX_HEAD_DIM + 1), (*range(1, 4097, 61), 511, 512))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiling through the JIT without a GPU.
+
+class TargetDriver:
+    """Triton's active driver as far as the JIT's binder needs it: a current target, device and stream."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return self.arch  # the JIT keeps one binder and kernel cache per device: one per target here
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+_COMPILED = []  # (JITFunction, bound arguments, CompiledKernel), appended by the patched run
+
+
+def _compile_only_run(self, *args, grid, warmup, **kwargs):
+    kernel = _ORIGINAL_RUN(self, *args, grid=grid, warmup=True, **kwargs)
+    _COMPILED.append((self, dict(zip(self.arg_names, args)) | kwargs, kernel))
+    return kernel
+
+
+_ORIGINAL_RUN = JITFunction.run
+
+
+def compile_launches(cases, arch):
+    """Run each case's launches against sm_<arch>; returns the distinct compiled kernels, in launch order."""
+    previous = driver._active  # not driver.active: without a GPU there is no default driver to create
+    driver.set_active(TargetDriver(arch))
+    JITFunction.run = _compile_only_run
+    capability = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda *a, **k: divmod(arch, 10)  # launchers that key configs on the arch
+    try:
+        _COMPILED.clear()
+        for fn, kw in cases:
+            fn(**kw)
+        seen, out = set(), []
+        for jit, args, kernel in _COMPILED:
+            if kernel.hash not in seen:
+                seen.add(kernel.hash)
+                out.append((jit, args, kernel))
+        return out
+    finally:
+        JITFunction.run = _ORIGINAL_RUN
+        torch.cuda.get_device_capability = capability
+        driver._active = previous
+
+
+def _label(jit, args):
+    name = jit.fn.__name__.strip("_").removesuffix("_kernel")  # _contrastive_fwd_kernel -> contrastive_fwd
+    if name == "siglip":
+        return "siglip_grad" if args.get("COMPUTE_GRAD") else "siglip_loss"
+    if name.startswith("attn_"):
+        return "attention_" + name[len("attn_"):]
+    return name
+
+
+def _sass_counts(cubin: bytes) -> tuple:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", res)}
+    ops = Counter(m.split(".")[0] for m in re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    return usage, ops
+
+
+def describe(jit, args, kernel, arch) -> dict:
+    usage, ops = _sass_counts(kernel.asm["cubin"])
+    config = {k: v for k, v in args.items() if k.startswith("BLOCK_")}
+    flags = {k: v for k, v in args.items() if k.isupper() and not k.startswith("BLOCK_") and isinstance(v, bool)}
+    ptr = next(v for v in args.values() if isinstance(v, torch.Tensor))
+    return dict(
+        kernel=_label(jit, args), arch=arch, dtype={v: k for k, v in DTYPES.items()}.get(ptr.dtype, str(ptr.dtype)),
+        config=config, num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages, flags=flags,
+        registers=usage.get("REG", -1), local=usage.get("LOCAL", 0) + usage.get("STACK", 0),
+        shared=kernel.metadata.shared, dots=kernel.asm["ttir"].count("tt.dot "),
+        wgmma_dots=kernel.asm["ttgir"].count("ttng.warp_group_dot "), hgmma=ops["HGMMA"], hmma=ops["HMMA"],
+        ldgsts=ops["LDGSTS"], utmaldg=ops["UTMALDG"], stl=ops["STL"])
+
+
+def collect(archs=(90,), exhaustive=False):
+    cases = all_cases() if exhaustive else TYPICAL
+    return [describe(jit, args, kernel, arch) for arch in archs
+            for jit, args, kernel in compile_launches(cases, arch)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table for benchmarks/NOTES.md.
+
+BEGIN, END = "<!-- compiled-kernels:begin -->", "<!-- compiled-kernels:end -->"
+
+
+def markdown(rows) -> str:
+    def cfg(r):
+        c = r["config"]
+        tile = " x ".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D") if k in c)
+        return f"{tile}, {r['num_warps']} w, {r['num_stages']} st"
+
+    failures = check_failures(rows)
+    failed = {id(r): sorted(name for (_, name), rs in failures.items() for x in rs if x is r) for r in rows}
+    lines = ["| kernel | arch | dtype | tile (M x N x K x D), warps, stages | regs | local B | smem KB | dots "
+             "(wgmma) | HGMMA | HMMA | cp.async | fails |", "|" + "---|" * 12]
+    key = lambda r: (r["kernel"], -r["arch"], r["dtype"], sorted(r["config"].items()), r["num_warps"])
+    done = set()
+    for r in sorted(rows, key=key):
+        line = (f"| {r['kernel']} | sm_{r['arch']} | {r['dtype']} | {cfg(r)} | {r['registers']} | {r['local']} | "
+                f"{r['shared'] / 1024:.0f} | {r['dots']} ({r['wgmma_dots']}) | {r['hgmma']} | {r['hmma']} | "
+                f"{r['ldgsts']} | {', '.join(failed[id(r)]) or '-'} |")
+        if line not in done:  # flag variants with identical figures collapse to one line
+            done.add(line)
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def write_notes(path, rows, command):
+    with open(path) as f:
+        text = f.read()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    body = (f"\nGenerated by `{command}` (triton {triton.__version__}; no GPU: compiled through the JIT's binder "
+            f"for each target, read back with cuobjdump).\n\n" + markdown(rows) + "\n")
+    with open(path, "w") as f:
+        f.write(text[:start] + body + text[end:])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_LIMIT))
+    p.add_argument("--all", action="store_true", help="every configuration over the input domain, not only typical")
+    p.add_argument("--notes", help="rewrite the generated table of this markdown file (benchmarks/NOTES.md)")
+    args = p.parse_args(argv)
+    rows = collect(tuple(args.arch), exhaustive=args.all)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    if args.notes:
+        write_notes(args.notes, rows, "python tests/triton_static.py " + " ".join(argv or sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
