@@ -29,7 +29,8 @@ def _versions() -> dict:
 
 
 def report() -> str:
-    from fastclip.ops.registry import _BACKEND_UNAVAILABLE, AUTO_ORDER, ops, supports
+    import fastclip.ops  # noqa: F401  (registers every op's rows)
+    from fastclip.dispatch import _BACKEND_UNAVAILABLE, AUTO_ORDER, ops, supports
 
     lines = [f"{k:>20}: {v}" for k, v in _versions().items()]
     lines.append("\nbackends (auto tries them in this order)")
@@ -61,7 +62,7 @@ TYPICAL = [("contrastive_loss", torch.bfloat16, 512), ("contrastive_loss", torch
 
 def auto_choices() -> str:
     """What ``backend="auto"`` runs for :data:`TYPICAL` inputs on each device here (FASTCLIP_BACKEND included)."""
-    from fastclip.ops.registry import BackendError, select
+    from fastclip.dispatch import BackendError, select
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines = ["\nauto picks, for typical inputs on this machine" + (

@@ -136,7 +136,7 @@ class SigLIPLoss(_PairLoss):
         super().__init__(cache_labels, rank, world_size, dist_impl or "bidir", backend, chunk_size, group)
         if self.dist_impl not in self.DIST_IMPLS:
             raise ValueError(f"dist_impl={dist_impl!r}: expected one of {self.DIST_IMPLS}")
-        from fastclip.siglip import check_chunk_size
+        from fastclip._checks import check_chunk_size
 
         check_chunk_size(chunk_size)
 
@@ -151,7 +151,7 @@ class SigLIPLoss(_PairLoss):
 
     def _distributed(self, image_features, text_features, logit_scale, logit_bias):
         from fastclip import distributed as D
-        from fastclip.siglip import siglip_block
+        from fastclip.ops.siglip import siglip_block
 
         group, rank, world, scale, bias = D.prepare(self.rank, self.world_size, self.group, image_features,
                                                     text_features, logit_scale, logit_bias)

@@ -79,7 +79,8 @@ def _worker(rank, world, store, out_dir):
     import fastclip
     from open_clip.loss import ClipLoss, SigLipLoss
 
-    from fastclip.ops import reference
+    from fastclip.ops.contrastive.reference import contrastive_loss_ref
+    from fastclip.ops.siglip.reference import siglip_loss_ref
 
     results = {}
 
@@ -146,13 +147,13 @@ def _worker(rank, world, store, out_dir):
         glob = _global_inputs(world, bias=None, scale=15.0)
         mean_equals_global(fastclip.ContrastiveLoss(gather_with_grad=True, rank=rank, world_size=world,
                                                     dist_impl="ring", backend="torch"),
-                           reference.contrastive_loss_ref, glob)
+                           contrastive_loss_ref, glob)
 
     @check("clip_local_mean_equals_global")
     def _():
         glob = _global_inputs(world, bias=None, scale=15.0)
         mean_equals_global(fastclip.ContrastiveLoss(True, True, rank=rank, world_size=world, backend="torch"),
-                           reference.contrastive_loss_ref, glob)
+                           contrastive_loss_ref, glob)
 
     # ---- SigLIPLoss: open_clip's four modes and the ring
     for mode in ("bidir", "shift", "reduce", "gather", "ring"):
@@ -186,7 +187,7 @@ def _worker(rank, world, store, out_dir):
     def _():
         glob = _global_inputs(world, bias=-1.5, scale=7.0)
         mean_equals_global(fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"),
-                           reference.siglip_loss_ref, glob)
+                           siglip_loss_ref, glob)
 
     @check("siglip_ring_no_grad")
     def _():
@@ -243,13 +244,13 @@ def _worker(rank, world, store, out_dir):
         glob = _global_inputs(sub_world, bias=-2.0, scale=12.0)
         for loss_fn, ref_fn in [
             (fastclip.SigLIPLoss(rank=sub_rank, world_size=sub_world, dist_impl="ring", group=group),
-             reference.siglip_loss_ref),
+             siglip_loss_ref),
             (fastclip.SigLIPLoss(rank=sub_rank, world_size=sub_world, dist_impl="shift", group=group),
-             reference.siglip_loss_ref),
+             siglip_loss_ref),
             (fastclip.ContrastiveLoss(gather_with_grad=True, rank=sub_rank, world_size=sub_world, dist_impl="ring",
-                                      group=group), reference.contrastive_loss_ref),
+                                      group=group), contrastive_loss_ref),
             (fastclip.ContrastiveLoss(True, True, rank=sub_rank, world_size=sub_world, group=group),
-             reference.contrastive_loss_ref),
+             contrastive_loss_ref),
         ]:
             loss, grads = _run(loss_fn, _local_leaves(glob, sub_rank))
             single, sgrads = _run(ref_fn, [t.detach().clone().requires_grad_() for t in glob])

@@ -88,7 +88,7 @@ def test_domain_covers_every_config(monkeypatch):
 
 
 def test_limits_match_the_registry():
-    from fastclip.ops.registry import supports
+    from fastclip.dispatch import supports
 
     ts = _static()
     assert supports("contrastive_loss")["triton"].max_dim == ts.MAX_FEATURE_DIM

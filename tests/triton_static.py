@@ -41,9 +41,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fastclip.ops.triton import attention as ATT  # noqa: E402
-from fastclip.ops.triton import contrastive as CON  # noqa: E402
-from fastclip.ops.triton import siglip as SIG  # noqa: E402
+from fastclip.ops.attention import triton as ATT  # noqa: E402
+from fastclip.ops.contrastive import triton as CON  # noqa: E402
+from fastclip.ops.siglip import triton as SIG  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes of shared memory one block may use (opt-in maximum)

@@ -1,8 +1,8 @@
 """SigLIP's sigmoid loss: registry rows, the ``fastclip::siglip_loss_fwd/_bwd`` custom ops and their autograd.
 
 The forward op makes the loss and, when a gradient is wanted, the gradients for an upstream gradient of 1 (the
-loss is elementwise in the logits, so one sweep does both; see ``fastclip/ops/torch_siglip.py`` and
-``fastclip/ops/triton/siglip.py``). The backward op multiplies them by the actual upstream gradient; a backend may
+loss is elementwise in the logits, so one sweep does both; see ``pytorch.py`` and ``triton.py`` beside this
+file). The backward op multiplies them by the actual upstream gradient; a backend may
 leave the text gradient to the backward (Triton does: its transposed launch makes dT there). The ``reference``
 backend bypasses the ops and lets autograd differentiate the naive maths.
 """
@@ -13,31 +13,29 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastclip.functional import _Lazy, as_scalar, check_feature_pair
-from fastclip.ops import reference
-from fastclip.ops.registry import Support, register, select, supports, triton_unavailable
-from fastclip.ops.torch_chunked import acc_dtype
+from fastclip._checks import as_scalar, check_chunk_size, check_feature_pair
+from fastclip.dispatch import Lazy, Support, no_bf16_in_interpreter, register, select, supports, triton_unavailable
+from fastclip.ops.contrastive.pytorch import acc_dtype
+from fastclip.ops.siglip import reference
 
 __all__ = ["siglip_loss"]
 
-register(Support("siglip_loss", "reference", impl=reference.siglip_loss_ref))
-register(Support("siglip_loss", "torch",
-                 impl=(_Lazy("fastclip.ops.torch_siglip", "siglip_fwd"),
-                       _Lazy("fastclip.ops.torch_siglip", "siglip_bwd_text"))))
-register(Support("siglip_loss", "triton",
-                 impl=(_Lazy("fastclip.ops.triton.siglip", "siglip_fwd"),
-                       _Lazy("fastclip.ops.triton.siglip", "siglip_bwd_text")),
+OP = "siglip_loss"
+_HERE = __name__
+
+register(Support(OP, "reference", impl=reference.siglip_loss_ref))
+register(Support(OP, "torch", impl=(Lazy(f"{_HERE}.pytorch", "siglip_fwd"),
+                                    Lazy(f"{_HERE}.pytorch", "siglip_bwd_text"))))
+register(Support(OP, "triton", impl=(Lazy(f"{_HERE}.triton", "siglip_fwd"), Lazy(f"{_HERE}.triton", "siglip_bwd_text")),
                  dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), max_dim=2048,
-                 unavailable=triton_unavailable,
-                 extra_checks=(lambda dev, dtype, dim: ["bfloat16 does not run in the Triton interpreter (CPU)"]
-                               if dev == "cpu" and dtype == torch.bfloat16 else [],)))
+                 unavailable=triton_unavailable, extra_checks=(no_bf16_in_interpreter,)))
 
 # backends whose forward leaves dT to the backward (their forward returns an empty (0, D) placeholder)
 _DEFERS_TEXT_GRAD = frozenset({"triton"})
 
 
 def _impl(backend: str, which: int):
-    return supports("siglip_loss")[backend].impl[which]
+    return supports(OP)[backend].impl[which]
 
 
 @torch.library.custom_op("fastclip::siglip_loss_fwd", mutates_args=())
@@ -117,7 +115,7 @@ def siglip_block(image_features: Tensor, text_features: Tensor, scale: Tensor, b
     With ``negative_only`` every pair is a negative (a block of another rank's texts). Returns the 0-d loss in the
     features' dtype.
     """
-    row = select("siglip_loss", backend, device=image_features.device, dtype=image_features.dtype,
+    row = select(OP, backend, device=image_features.device, dtype=image_features.dtype,
                  dim=image_features.shape[1])
     if row.backend == "reference":
         return row.impl(image_features, text_features, scale, bias, negative_only=negative_only)
@@ -125,11 +123,6 @@ def siglip_block(image_features: Tensor, text_features: Tensor, scale: Tensor, b
         image_features, text_features, scale, bias, bool(negative_only),
         _needs_grad(image_features, text_features, scale, bias), row.backend, int(chunk_size or 0))
     return loss.to(image_features.dtype)
-
-
-def check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float],

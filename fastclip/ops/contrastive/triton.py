@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastclip.ops.registry import triton_interpret
+from fastclip.dispatch import triton_interpret
 
 # constexpr: compiled kernels may read only constexpr globals (the interpreter does not enforce this)
 LOG2E = tl.constexpr(1.4426950408889634)

@@ -1,11 +1,13 @@
 """Flash attention for both CLIP towers: input checks, backend rows, custom ops, autograd, ``flash_attention``.
 
 Backends (op ``"flash_attention"``, dimension ``head_dim``):
-- ``reference``: the definition in upcast math (``fastclip.ops.reference.attention_ref``); autograd differentiates it.
-- ``torch``: ``F.scaled_dot_product_attention`` with the equivalent mask (the CPU default); SDPA's own autograd.
-- ``triton``: the fused kernels of ``fastclip.ops.triton.attention``, as the custom ops
+- ``reference``: the definition in upcast math (``reference.attention_ref``); autograd differentiates it.
+- ``pytorch`` (backend name ``"torch"``): ``F.scaled_dot_product_attention`` with the equivalent mask (the CPU
+  default); SDPA's own autograd.
+- ``triton``: the fused kernels of ``triton.py``, as the custom ops
   ``fastclip::flash_attention_fwd`` / ``fastclip::flash_attention_bwd`` (fake implementations for torch.compile),
   with the backward registered through ``torch.library.register_autograd``.
+- ``cuda``: the compiled extension's kernels (``csrc/attention/``), through the same custom ops.
 """
 from __future__ import annotations
 
@@ -15,15 +17,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastclip.functional import _fmt, _Lazy, check_float_tensor
-from fastclip.ops.torch_attention import attention_sdpa
-from fastclip.ops import reference
-from fastclip.ops.registry import Support, cuda_ext_unavailable, cuda_kernel_reasons, register, select, supports, \
-    triton_unavailable
+from fastclip._checks import _fmt, check_float_tensor
+from fastclip.dispatch import Lazy, Support, cuda_ext_unavailable, cuda_kernel_reasons, no_bf16_in_interpreter, \
+    register, select, supports, triton_unavailable
+from fastclip.ops.attention import reference
+from fastclip.ops.attention.pytorch import attention_sdpa
 
 __all__ = ["flash_attention"]
 
 OP = "flash_attention"
+_HERE = __name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,21 +73,15 @@ def _softmax_scale(softmax_scale, head_dim: int) -> float:
 # Backends
 
 
-def _no_bf16_in_interpreter(dev: str, dtype: torch.dtype, dim: int):
-    return ["bfloat16 does not run in the Triton interpreter (CPU)"] if dev == "cpu" and dtype == torch.bfloat16 \
-        else []
-
-
 register(Support(OP, "reference", impl=reference.attention_ref, dim_name="head_dim"))
 # pure torch: imported eagerly (torch.compile would see a lazy import as a graph break; only triton is deferred)
 register(Support(OP, "torch", impl=attention_sdpa, dim_name="head_dim"))
 register(Support(OP, "triton",
-                 impl=(_Lazy("fastclip.ops.triton.attention", "attention_fwd"),
-                       _Lazy("fastclip.ops.triton.attention", "attention_bwd")),
+                 impl=(Lazy(f"{_HERE}.triton", "attention_fwd"), Lazy(f"{_HERE}.triton", "attention_bwd")),
                  dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), max_dim=128,
-                 dim_name="head_dim", unavailable=triton_unavailable, extra_checks=(_no_bf16_in_interpreter,)))
+                 dim_name="head_dim", unavailable=triton_unavailable, extra_checks=(no_bf16_in_interpreter,)))
 register(Support(OP, "cuda",
-                 impl=(_Lazy("fastclip.ops.cuda", "attention_fwd"), _Lazy("fastclip.ops.cuda", "attention_bwd")),
+                 impl=(Lazy(f"{_HERE}.cuda", "attention_fwd"), Lazy(f"{_HERE}.cuda", "attention_bwd")),
                  devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}), min_dim=32,
                  max_dim=128, dim_name="head_dim", unavailable=cuda_ext_unavailable,
                  extra_checks=(cuda_kernel_reasons,)))
