@@ -140,57 +140,66 @@ TYPICAL = [
     (launch_attention, dict(batch=256, seq=77, heads=8, head_dim=64, dtype="bf16", causal=True, padding=True)),
 ]
 
-# Every configuration: the launchers' block configs depend on the dtype, the (padded) feature or head dim, the
-# sequence length and the flags; this domain covers each branch of their config functions (checked by
-# tests/test_triton_compile.py::test_domain_covers_every_config against the config functions themselves).
-FEATURE_DIMS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 2048)
-HEAD_DIMS = (16, 32, 64, 80, 128)
-
-
-def all_cases():
-    cases = []
-    for dtype in DTYPES:
-        for d in FEATURE_DIMS:
-            cases.append((launch_contrastive, dict(n=65536, d=d, dtype=dtype)))
-            cases.append((launch_siglip, dict(n=16384, d=d, dtype=dtype)))
-        cases.append((launch_contrastive, dict(n=65536, d=512, dtype=dtype, bias=True, smoothing=0.1)))
-        cases.append((launch_siglip, dict(n=16384, d=512, dtype=dtype, bias=False, negative_only=True)))
-        for hd in HEAD_DIMS:
-            for seq, causal, padding in ((197, False, False), (77, True, True), (577, False, False),
-                                         (1024, True, False)):
-                cases.append((launch_attention, dict(batch=8, seq=seq, heads=4, head_dim=hd, dtype=dtype,
-                                                     causal=causal, padding=padding)))
-    return cases
-
-
-def launcher_configs(feature_dims, head_dims, seqs):
-    """Every (launcher, config) the launchers' own config functions return over these inputs (no compile)."""
-    out = set()
-    freeze = lambda c: tuple(sorted(c.items()))
-    for dtype in DTYPES.values():
-        for d in feature_dims:
-            out.add(("contrastive_fwd", freeze(CON._fwd_config(65536, d, dtype))))
-            out.add(("contrastive_bwd", freeze(CON._bwd_config(65536, d, dtype))))
-            for grad in (False, True):
-                out.add((f"siglip_{'grad' if grad else 'loss'}", freeze(SIG._config(16384, d, dtype, grad))))
-        for hd in head_dims:
-            for s in seqs:
-                out.add(("attention_fwd", freeze(ATT._fwd_config(s, s, hd, dtype))))
-                out.add(("attention_bwd", freeze(ATT._bwd_config(s, s, hd, dtype))))
-    return out
-
-
-def domain_configs():
-    """The configs the exhaustive domain (:func:`all_cases`) reaches."""
-    return launcher_configs(FEATURE_DIMS, HEAD_DIMS, sorted({kw["seq"] for fn, kw in all_cases() if "seq" in kw}))
-
-
+# Every configuration. The launchers' config functions map (dtype, feature or head dim, sequence length) to block
+# configs; :func:`case_configs` asks them which configs a launch picks, so that the exhaustive domain keeps one
+# launch per distinct config (fp16 picks bf16's configs, so 16-bit launches are bf16) plus the flag variants.
+# test_triton_compile.py checks that every config any supported input reaches is in this domain.
 MAX_FEATURE_DIM, MAX_HEAD_DIM = 2048, 128  # the triton backend's limits (its Support rows' max_dim)
 
 
-def every_config():
-    """The configs any supported input reaches: every feature and head dim; sequence lengths sampled up to 4096 and at the 512 boundary."""
-    return launcher_configs(range(1, MAX_FEATURE_DIM + 1), range(1, MAX_HEAD_DIM + 1), (*range(1, 4097, 61), 511, 512))
+def _freeze(cfg: dict) -> tuple:
+    return tuple(sorted(cfg.items()))
+
+
+def case_configs(fn, kw) -> set:
+    """{(kernel, config)} that one case's launches pick, from the launchers' own config functions (no compile)."""
+    dtype = DTYPES[kw["dtype"]]
+    if fn is launch_contrastive:
+        return {("contrastive_fwd", _freeze(CON._fwd_config(kw["n"], kw["d"], dtype))),
+                ("contrastive_bwd", _freeze(CON._bwd_config(kw["n"], kw["d"], dtype)))}
+    if fn is launch_siglip:
+        return {(f"siglip_{'grad' if grad else 'loss'}", _freeze(SIG._config(kw["n"], kw["d"], dtype, grad)))
+                for grad in (False, True)}
+    s, hd = kw["seq"], kw["head_dim"]
+    return {("attention_fwd", _freeze(ATT._fwd_config(s, s, hd, dtype))),
+            ("attention_bwd", _freeze(ATT._bwd_config(s, s, hd, dtype)))}
+
+
+def _candidates(feature_dims, head_dims, seqs, dtypes):
+    for dtype in dtypes:
+        for d in feature_dims:
+            yield launch_contrastive, dict(n=4096, d=d, dtype=dtype)  # the configs do not depend on N
+            yield launch_siglip, dict(n=4096, d=d, dtype=dtype)
+        for hd in head_dims:
+            for seq in seqs:
+                yield launch_attention, dict(batch=2, seq=seq, heads=4, head_dim=hd, dtype=dtype)
+
+
+def configs_of(cases) -> set:
+    return set().union(*(case_configs(fn, kw) for fn, kw in cases))
+
+
+def every_config() -> set:
+    """The configs any supported input reaches: every dtype, feature and head dim; sequences sampled up to 4096."""
+    return configs_of(_candidates(range(1, MAX_FEATURE_DIM + 1), range(1, MAX_HEAD_DIM + 1),
+                                  (*range(1, 4097, 255), 511, 512), DTYPES))
+
+
+def all_cases():
+    """One launch per distinct config over CLIP-like inputs, then the flag variants at typical shapes."""
+    cases, seen = [], set()
+    for fn, kw in _candidates((16, 32, 64, 128, 256, 512, 768, 1024, 2048), (16, 32, 64, 80, 128), (77, 577),
+                              ("bf16", "fp32")):
+        new = case_configs(fn, kw) - seen
+        if new:
+            seen |= new
+            cases.append((fn, kw))
+    for dtype in ("bf16", "fp32"):
+        cases.append((launch_contrastive, dict(n=4096, d=512, dtype=dtype, bias=True, smoothing=0.1)))
+        cases.append((launch_siglip, dict(n=4096, d=768, dtype=dtype, bias=False, negative_only=True)))
+        cases.append((launch_attention, dict(batch=8, seq=77, heads=8, head_dim=64, dtype=dtype, causal=True,
+                                             padding=True)))
+    return cases
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,12 +221,16 @@ class TargetDriver:
         return 0
 
 
-_COMPILED = []  # (JITFunction, bound arguments, CompiledKernel), appended by the patched run
+_COMPILED = []  # (JITFunction, non-tensor arguments and the first tensor's dtype, CompiledKernel), by the patched run
 
 
 def _compile_only_run(self, *args, grid, warmup, **kwargs):
     kernel = _ORIGINAL_RUN(self, *args, grid=grid, warmup=True, **kwargs)
-    _COMPILED.append((self, dict(zip(self.arg_names, args)) | kwargs, kernel))
+    bound = dict(zip(self.arg_names, args)) | kwargs
+    # keep no tensor: the example inputs are large, and every launch is recorded
+    kept = {k: v for k, v in bound.items() if not isinstance(v, torch.Tensor)}
+    kept["dtype"] = next(v.dtype for v in bound.values() if isinstance(v, torch.Tensor))
+    _COMPILED.append((self, kept, kernel))
     return kernel
 
 
@@ -275,9 +288,8 @@ def describe(jit, args, kernel, arch) -> dict:
     usage, ops = _sass_counts(kernel.asm["cubin"])
     config = {k: v for k, v in args.items() if k.startswith("BLOCK_")}
     flags = {k: v for k, v in args.items() if k.isupper() and not k.startswith("BLOCK_") and isinstance(v, bool)}
-    ptr = next(v for v in args.values() if isinstance(v, torch.Tensor))
     return dict(
-        kernel=_label(jit, args), arch=arch, dtype={v: k for k, v in DTYPES.items()}.get(ptr.dtype, str(ptr.dtype)),
+        kernel=_label(jit, args), arch=arch, dtype={v: k for k, v in DTYPES.items()}[args["dtype"]],
         config=config, num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages, flags=flags,
         registers=usage.get("REG", -1), local=usage.get("LOCAL", 0) + usage.get("STACK", 0),
         shared=kernel.metadata.shared, dots=kernel.asm["ttir"].count("tt.dot "),
