@@ -53,17 +53,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Expectations. A (kernel, check) pair listed here fails today for the reason given; the test fails both on any
 # other failure and when a listed pair passes for every configuration (then delete its line).
 EXPECTED_FAILURES = {
-    ("contrastive_bwd", "wgmma_tile"): "BLOCK_M is 16-32 for D >= 512: the dots lower to mma.sync (issue 11, "
-                                       "item 4: a BLOCK_M = 64 backward)",
-    ("siglip_grad", "wgmma_tile"): "the gradient pass uses the contrastive backward's tiles (BLOCK_M 16-32 for "
-                                   "D >= 512; issue 11, item 4)",
-    ("attention_bwd", "wgmma_tile"): "BLOCK_M = 32 query tiles: mma.sync (issue 11, item 4)",
-    ("attention_bwd", "pipelined"): "head dims > 64 run with num_stages = 1; the dQ read-modify-write is "
-                                    "synchronous (issue 11, item 4)",
+    ("contrastive_bwd", "wgmma_tile"): "BLOCK_M is 16-32 for D > 256, so the dots lower to mma.sync (HMMA); issue 11 "
+                                       "item 4: a BLOCK_M = 64 backward",
+    ("siglip_grad", "wgmma_tile"): "the gradient pass takes the contrastive backward's tiles (BLOCK_M 16-32 for "
+                                   "D > 256); issue 11 item 4",
+    ("attention_bwd", "wgmma_tile"): "BLOCK_M = 32 query tiles: the dQ and dP dots run on mma.sync (4 of 5 dots "
+                                     "are wgmma at head dim <= 64, 2 of 5 at 128); issue 11 item 4",
+    ("attention_bwd", "pipelined"): "num_stages = 1 for head dims > 64 (bf16/fp16) and for fp32: no cp.async; "
+                                    "issue 11 item 4",
     ("attention_fwd", "pipelined"): "fp32 with head dim <= 64 runs with num_stages = 1",
-    ("contrastive_bwd", "no_spills"): "D = 2048 (BLOCK_D 2048) spills: the (BLOCK_M, D) accumulator does not fit "
-                                      "in registers (a D split is issue 11, item 4)",
-    ("siglip_grad", "no_spills"): "D = 2048 spills, as the contrastive backward",
+    ("contrastive_bwd", "no_spills"): "D = 2048 in 16 bits (136 B: the (16, 2048) fp32 accumulator at 255 "
+                                      "registers) and fp32 at D <= 128 (16 B); a D split is issue 11 item 4",
+    ("siglip_grad", "no_spills"): "fp32 at D <= 128 (8-16 B), the contrastive backward's fp32 tile",
+    ("contrastive_fwd", "no_spills"): "sm_80, fp32 inputs (IEEE, FMA dots): 8-16 B; the 64 x 128 tile is sized for "
+                                      "16-bit inputs",
+    ("attention_bwd", "no_spills"): "sm_80, fp32, head dim 128: 16 B",
 }
 
 
@@ -317,17 +321,13 @@ def markdown(rows) -> str:
 
     failures = check_failures(rows)
     failed = {id(r): sorted(name for (_, name), rs in failures.items() for x in rs if x is r) for r in rows}
-    lines = ["| kernel | arch | dtype | tile (M x N x K x D), warps, stages | regs | local B | smem KB | dots "
-             "(wgmma) | HGMMA | HMMA | cp.async | fails |", "|" + "---|" * 12]
-    key = lambda r: (r["kernel"], -r["arch"], r["dtype"], sorted(r["config"].items()), r["num_warps"])
-    done = set()
-    for r in sorted(rows, key=key):
-        line = (f"| {r['kernel']} | sm_{r['arch']} | {r['dtype']} | {cfg(r)} | {r['registers']} | {r['local']} | "
-                f"{r['shared'] / 1024:.0f} | {r['dots']} ({r['wgmma_dots']}) | {r['hgmma']} | {r['hmma']} | "
-                f"{r['ldgsts']} | {', '.join(failed[id(r)]) or '-'} |")
-        if line not in done:  # flag variants with identical figures collapse to one line
-            done.add(line)
-            lines.append(line)
+    lines = ["| kernel | arch | dtype | flags | tile (M x N x K x D), warps, stages | regs | local B | smem KB | "
+             "dots (wgmma) | HGMMA | HMMA | cp.async | fails |", "|" + "---|" * 13]
+    for r in sorted(rows, key=lambda r: (r["kernel"], -r["arch"], r["dtype"], sorted(r["config"].items()))):
+        flags = ", ".join(k.lower() for k, v in r["flags"].items() if v) or "-"
+        lines.append(f"| {r['kernel']} | sm_{r['arch']} | {r['dtype']} | {flags} | {cfg(r)} | {r['registers']} | "
+                     f"{r['local']} | {r['shared'] / 1024:.0f} | {r['dots']} ({r['wgmma_dots']}) | {r['hgmma']} | "
+                     f"{r['hmma']} | {r['ldgsts']} | {', '.join(failed[id(r)]) or '-'} |")
     return "\n".join(lines)
 
 
