@@ -287,6 +287,8 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
         raise CheckpointError(f"cannot infer a CLIP architecture: the state dict has no {e.args[0]!r} "
                               f"(first keys: {_fmt_keys(sd)})") from None
     cfg = {"embed_dim": embed_dim, "quick_gelu": None, "vision_cfg": vision, "text_cfg": text}
+    if "logit_bias" in sd:
+        cfg["init_logit_bias"] = 0.0  # a logit_bias exists; its value is the checkpoint's once loaded
     if custom:
         cfg["custom_text"] = True
     return cfg

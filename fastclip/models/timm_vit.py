@@ -128,7 +128,7 @@ class SiglipViT(nn.Module):
         """(B, 3, H, W) -> tokens after the final norm (B, N, C)."""
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype)) + self.pos_embed.to(x.dtype)
         if self.training and self.patch_drop_rate > 0:
-            x = patch_dropout(x, self.patch_drop_rate, 0)
+            x = patch_dropout(x, self.patch_drop_rate, 0, lowest=True)
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
                 else block(x)

@@ -164,14 +164,19 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def patch_dropout(x: Tensor, prob: float, num_prefix_tokens: int) -> Tensor:
+def patch_dropout(x: Tensor, prob: float, num_prefix_tokens: int, lowest: bool = False) -> Tensor:
     """Keep a random max(1, int(N * (1 - prob))) of the N patch tokens of each image (PatchDropout,
     arXiv:2212.00794); the first ``num_prefix_tokens`` (a class token) are always kept, in front.
-    x: (B, prefix + N, C) -> (B, prefix + kept, C)."""
+    x: (B, prefix + N, C) -> (B, prefix + kept, C).
+
+    The kept tokens are those with the largest of N standard normal draws (open_clip's ``PatchDropout``), or with
+    ``lowest`` the smallest, in ascending order (timm's), so that with one seed on the CPU each draws the same
+    tokens as its original."""
     prefix, x = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
     B, N = x.shape[0], x.shape[1]
     keep = max(1, int(N * (1.0 - prob)))
-    idx = torch.randn(B, N, device=x.device).topk(keep, dim=-1).indices  # (B, keep)
+    rand = torch.randn(B, N, device=x.device)
+    idx = rand.argsort(dim=-1)[:, :keep] if lowest else rand.topk(keep, dim=-1).indices  # (B, keep)
     x = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, keep, C)
     return torch.cat([prefix, x], dim=1)
 
