@@ -98,14 +98,13 @@ def _timm_cfg(visual: nn.Module) -> dict:
     act = b0.mlp.act
     actual = {"img_size": trunk.patch_embed.img_size[0], "patch_size": trunk.patch_embed.patch_size[0],
               "embed_dim": trunk.embed_dim, "depth": len(trunk.blocks), "num_heads": b0.attn.num_heads,
-              "mlp_ratio": b0.mlp.fc1.out_features / trunk.embed_dim,
               "act_layer": "gelu_tanh" if _is_gelu_tanh(act) else "gelu"}
     base = dict(zip(("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "act_layer", "img_size"),
                     TIMM_VITS[name]))
-    kwargs = {k: v for k, v in actual.items() if
-              (abs(v - base[k]) > 1e-3 if k == "mlp_ratio" else v != base[k])}
-    if "mlp_ratio" in kwargs:
-        kwargs["mlp_ratio"] = _ratio(b0.mlp.fc1.out_features, trunk.embed_dim)
+    hidden = b0.mlp.fc1.out_features
+    actual["mlp_ratio"] = base["mlp_ratio"] if int(trunk.embed_dim * base["mlp_ratio"]) == hidden \
+        else _ratio(hidden, trunk.embed_dim)
+    kwargs = {k: v for k, v in actual.items() if v != base[k]}
     head = visual.head
     proj = "linear" if hasattr(head, "proj") else ("none" if isinstance(trunk.head, nn.Identity) else None)
     if hasattr(head, "mlp"):

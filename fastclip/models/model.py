@@ -123,6 +123,7 @@ class CLIP(nn.Module):
                  init_logit_bias: Optional[float] = None, *, nonscalar_logit_scale: bool = False,
                  attn_impl: str = "fastclip", output_dict: bool = False, text_pad_mask: bool = False):
         super().__init__()
+        vision_cfg, text_cfg = _cfg(VisionCfg, vision_cfg), _cfg(TextCfg, text_cfg)  # refuse before building
         self.config = _config(embed_dim, vision_cfg, text_cfg, quick_gelu, init_logit_bias, self.custom_text)
         self.output_dict = output_dict
         self.visual = build_vision_tower(embed_dim, vision_cfg, quick_gelu, attn_impl)

@@ -344,8 +344,9 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, layers, heads, mlp_ratio, act_layer, attn_impl, ls_init_value,
                                        norm_layer)
         if attentional_pool:
+            # open_clip builds the pooler's LayerNorms without the tower's norm_kwargs (eps 1e-5)
             self.attn_pool = AttentionalPooler(output_dim, width, attn_pooler_heads, attn_pooler_queries,
-                                               norm_layer, attn_impl)
+                                               LayerNorm, attn_impl)
             pool_dim = output_dim
         else:
             self.attn_pool = None
