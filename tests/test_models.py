@@ -497,10 +497,11 @@ def test_towers_benchmark_cpu_smoke(tmp_path, capsys):
 
     assert BENCHES["towers"] == "fastclip.bench.towers"
     csv = tmp_path / "towers.csv"
-    assert towers.main(["--device", "cpu", "--tower", "tiny-vit", "tiny-text", "--rep", "1", "--csv", str(csv)]) == 0
+    tiny = ("tiny-vit", "tiny-text", "tiny-siglip")
+    assert towers.main(["--device", "cpu", "--tower", *tiny, "--rep", "1", "--csv", str(csv)]) == 0
     from fastclip.bench.common import read_csv
 
     rows = read_csv(str(csv))
     assert {(r["provider"], r["shape"]) for r in rows} == {(p, f"{t},B=2") for p in ("fastclip", "open_clip")
-                                                          for t in ("tiny-vit", "tiny-text")}
+                                                          for t in tiny}
     assert all(float(r["ms_p50"]) > 0 for r in rows)
