@@ -292,4 +292,5 @@ def decode(ids: Sequence[int]) -> str:
     return _default().decode(ids)
 
 
-__all__ = ["Tokenizer", "HFTokenizer", "tokenize", "decode", "get_tokenizer", "canonicalize_text", "DEFAULT_CONTEXT_LENGTH"]
+__all__ = ["Tokenizer", "HFTokenizer", "tokenize", "decode", "get_tokenizer", "canonicalize_text",
+           "DEFAULT_CONTEXT_LENGTH"]

@@ -104,7 +104,8 @@ def test_siglip_b16_loads_strictly_both_ways(attn_impl, monkeypatch):
         import fastclip.functional as functional
 
         calls, orig = [], functional.flash_attention
-        monkeypatch.setattr(functional, "flash_attention", lambda q, k, v, **kw: calls.append(kw) or orig(q, k, v, **kw))
+        monkeypatch.setattr(functional, "flash_attention",
+                            lambda q, k, v, **kw: calls.append(kw) or orig(q, k, v, **kw))
         model.encode_text(text_inputs(cfg, 1))
         assert len(calls) == cfg["text_cfg"]["layers"] and not any(c["causal"] for c in calls)
 

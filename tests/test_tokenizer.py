@@ -191,7 +191,8 @@ def test_get_tokenizer_errors(tmp_path):
     os.remove(tmp_path / "tokenizer_config.json")
     with pytest.raises(ValueError, match="pad_token="):
         fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path)
-    assert fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path, pad_token="<pad>")("a cat").shape == (1, 64)
+    tok = fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path, pad_token="<pad>")
+    assert tok("a cat").shape == (1, 64) and tok.pad_token_id == 0
     with pytest.raises(ValueError, match="clean"):
         fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path, pad_token="<pad>", clean="bogus")
     # OpenAI's vocabulary: the BPE tokenizer, with the config's context length

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from fastclip.models.configs import TIMM_VITS, TextCfg, VisionCfg, _cfg
 from fastclip.models.modified_resnet import ModifiedResNet
 from fastclip.models.timm_vit import TimmVisionTower
-from fastclip.models.transformer import (Attention, CrossAttention, LayerNorm, QuickGELU, TextTransformer, VisionTransformer,
-                                         encode_text_tokens)
+from fastclip.models.transformer import (Attention, CrossAttention, LayerNorm, QuickGELU, TextTransformer,
+                                         VisionTransformer, encode_text_tokens)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")
 _TIMM_KWARGS = {"img_size": "image_size", "patch_size": "patch_size", "embed_dim": "width", "depth": "depth",
@@ -252,5 +252,5 @@ def build_model_from_config(config: dict, **kwargs) -> CLIP:
     return cls(**cfg, **kwargs)
 
 
-__all__ = ["CLIP", "CustomTextCLIP", "build_model_from_config", "build_vision_tower", "build_text_tower", "convert_weights_to_lp", "set_precision",
-           "PRECISIONS"]
+__all__ = ["CLIP", "CustomTextCLIP", "build_model_from_config", "build_vision_tower", "build_text_tower",
+           "timm_trunk_args", "convert_weights_to_lp", "set_precision", "PRECISIONS"]
