@@ -187,6 +187,11 @@ class HFTokenizer:
             raise ImportError("Hugging Face tokenizer files need the tokenizers package: pip install tokenizers") \
                 from None
         path = os.fspath(tokenizer_file)
+        if path.endswith(".model"):
+            raise ValueError(f"{path!r} is a raw SentencePiece model, which does not say which special tokens to add "
+                             f"or how to pad: pass the tokenizer.json of its Hugging Face tokenizer (the "
+                             f"hf_tokenizer_name of the model's config), e.g. as written by a transformers fast "
+                             f"tokenizer's save_pretrained")
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):

@@ -185,6 +185,8 @@ def test_hf_tokenizer_file_equals_open_clip(tmp_path, model_name, make, kwargs):
 def test_get_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenizer_file="):
         fastclip.get_tokenizer("ViT-B-16-SigLIP")
+    with pytest.raises(ValueError, match="raw SentencePiece model"):
+        fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path / "spiece.model")
     with pytest.raises(FileNotFoundError, match="downloads nothing"):
         fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path / "missing.json")
     _siglip_like(str(tmp_path))
