@@ -5,7 +5,8 @@ load strictly in both directions. The maths equals open_clip's too; what differs
 
 - attention goes through ``fastclip.flash_attention`` (``attn_impl="fastclip"``, the default) or PyTorch's
   ``F.scaled_dot_product_attention`` (``attn_impl="sdpa"``), fed strided views of one packed QKV projection;
-- the text tower is causal through the kernel's ``causal=True`` flag instead of an additive (S, S) mask;
+- the text tower is causal (unless ``no_causal_mask``) through the kernel's ``causal=True`` flag instead of an
+  additive (S, S) mask, and CoCa's padding mask (``embed_cls``) is a key-padding mask;
 - every module is plain tensor code without data-dependent Python branches, so the towers compile with
   ``torch.compile(fullgraph=True)`` and the compiler fuses LayerNorm, bias + activation and residual adds.
 """
