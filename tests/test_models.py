@@ -131,10 +131,13 @@ def test_full_size_state_dict_keys_and_shapes(name):
     else:
         assert inferred["vision_cfg"]["head_width"] is None
         inferred["vision_cfg"]["head_width"] = cfg["vision_cfg"].get("head_width", 64)
+        if not isinstance(cfg["vision_cfg"]["layers"], list):  # a ViT (not OpenAI's ResNet)
+            assert inferred["vision_cfg"]["pool_type"] is None
+            inferred["vision_cfg"]["pool_type"] = cfg["vision_cfg"].get("pool_type", "tok")
     inferred["text_cfg"]["heads"] = cfg["text_cfg"]["heads"]
-    for k in ("no_causal_mask", "proj_bias", "proj_type", "pool_type", "norm_kwargs"):  # shapes say nothing here
-        if k in cfg["text_cfg"]:
-            inferred["text_cfg"][k] = cfg["text_cfg"][k]
+    for k in ("no_causal_mask", "pool_type"):  # shapes say nothing here
+        assert inferred["text_cfg"][k] is None
+        inferred["text_cfg"][k] = cfg["text_cfg"].get(k, getattr(fastclip.models.TextCfg(), k))
     with torch.device("meta"):
         again = build_model_from_config(inferred).state_dict()
     assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in sd.items()}

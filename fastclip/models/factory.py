@@ -123,7 +123,7 @@ def load_checkpoint(model: CLIP, checkpoint: Union[str, os.PathLike, Mapping[str
         warnings.warn(f"{source} is a TorchScript archive (OpenAI's release format), whose models use QuickGELU, "
                       f"but this model uses nn.GELU: use the '-quickgelu' model name", stacklevel=2)
     if resize_pos_embed:
-        globals()["resize_pos_embed"](sd, model)
+        _resize(sd, model)
     expected = model.state_dict()
     for name in ("logit_scale", "logit_bias"):
         if name in sd and name in expected and sd[name].numel() == 1 and sd[name].shape != expected[name].shape:
@@ -188,6 +188,9 @@ def resize_pos_embed(state_dict: Dict[str, Tensor], model: CLIP, interpolation: 
         state_dict[key] = torch.cat([tok, img]).reshape(*lead, -1, old.shape[-1])
 
 
+_resize = resize_pos_embed  # load_checkpoint's argument of that name shadows the function
+
+
 def _finish(model: CLIP, precision: str, device) -> CLIP:
     set_precision(model, precision)
     if device is not None:
@@ -250,10 +253,11 @@ def _ratio(mlp_width: int, width: int) -> float:
 
 def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     """What the tensor shapes of a CLIP state dict (OpenAI's, open_clip's ``CLIP`` or ``CustomTextCLIP`` layout)
-    determine, as an open_clip-style config; what they do not determine is None: ``quick_gelu`` (the activation),
-    ``vision_cfg["head_width"]`` and ``text_cfg["heads"]`` (head counts), and for a SigLIP trunk
-    ``vision_cfg["timm_model_name"]``. Fill those in and pass the result as ``config=`` to
-    :func:`create_model_from_state_dict`."""
+    determine, as an open_clip-style config. What they do not determine is None: ``quick_gelu`` (the activation),
+    ``vision_cfg["head_width"]`` and ``text_cfg["heads"]`` (head counts), the ViT's ``pool_type``, the text
+    tower's ``no_causal_mask`` and ``pool_type``, and for a SigLIP trunk ``vision_cfg["timm_model_name"]``.
+    LayerNorm's eps and GELU's ``approximate`` are not visible either and are left out (open_clip's defaults):
+    check them. Fill the Nones in and pass the result as ``config=`` to :func:`create_model_from_state_dict`."""
     sd = state_dict
     custom = any(k.startswith("text.") for k in sd)
     t = "text." if custom else ""
@@ -269,7 +273,7 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
             mlp_width = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
             vision = {"image_size": patch * grid, "layers": _count_blocks(sd, "visual.transformer.resblocks."),
                       "width": width, "patch_size": patch, "mlp_ratio": _ratio(mlp_width, width),
-                      "head_width": None}
+                      "head_width": None, "pool_type": None}
         else:
             layers = [len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")}) for b in (1, 2, 3, 4)]
             out_width = math.isqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)
@@ -280,9 +284,15 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
                 "vocab_size": sd[t + "token_embedding.weight"].shape[0], "width": text_width, "heads": None,
                 "layers": _count_blocks(sd, t + "transformer.resblocks."),
                 "mlp_ratio": _ratio(sd[t + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0], text_width)}
-        proj = sd.get(t + "text_projection", sd.get(t + "text_projection.weight"))
-        embed_dim = (proj.shape[1] if proj.dim() == 2 and t + "text_projection" in sd else proj.shape[0]) \
-            if proj is not None else text_width
+        if t + "text_projection" in sd:  # a (C, E) matrix
+            embed_dim = sd[t + "text_projection"].shape[1]
+        elif t + "text_projection.weight" in sd:  # an nn.Linear (proj_bias): weight (E, C)
+            embed_dim = sd[t + "text_projection.weight"].shape[0]
+        else:  # no projection (proj_type "none"): the text features are the tower's width
+            embed_dim = text_width
+            text["proj_type"] = "none"
+        text["proj_bias"] = t + "text_projection.weight" in sd
+        text["no_causal_mask"] = text["pool_type"] = None
     except KeyError as e:
         raise CheckpointError(f"cannot infer a CLIP architecture: the state dict has no {e.args[0]!r} "
                               f"(first keys: {_fmt_keys(sd)})") from None
