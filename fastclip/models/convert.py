@@ -183,7 +183,8 @@ def from_open_clip(model: nn.Module, *, attn_impl: str = "fastclip") -> CLIP:
 def to_open_clip(model: CLIP):
     """open_clip's model (``open_clip.model.CLIP`` or ``CustomTextCLIP``) for a fastclip model, from
     ``model.config`` with the weights copied strictly. A reduced SigLIP trunk (``timm_kwargs``) is built with
-    ``timm.create_model(name, **timm_kwargs)`` as open_clip's ``TimmModel`` would build it."""
+    ``timm.create_model(name, **timm_kwargs)`` as open_clip's ``TimmModel`` would build it (open_clip first builds
+    the full-size trunk its config names, which is then replaced)."""
     import open_clip
 
     cfg = copy.deepcopy(model.config)
