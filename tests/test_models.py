@@ -489,7 +489,8 @@ def test_mismatched_checkpoint_errors(tmp_path, tiny_name):
 
 
 def test_exports():
-    for name in ("create_model", "create_model_from_state_dict", "list_models", "tokenize", "image_transform"):
+    for name in ("create_model", "create_model_from_state_dict", "list_models", "tokenize", "image_transform",
+                 "get_tokenizer", "from_open_clip", "to_open_clip"):
         assert callable(getattr(fastclip, name))
     assert fastclip.list_models() == list_models()
 
