@@ -365,7 +365,7 @@ def test_bench_train_runs_every_provider(tmp_path):
 
     csv = str(tmp_path / "train.csv")
     rows = bench.run(Namespace(device="cpu", model="tiny", batch=[4, 8], micro_batch=4, provider=None,
-                               memory_budget_mb=None, rep=1, csv=csv))
+                               memory_budget_mb=None, rep=1, csv=csv, out=None, save=False))
     assert [r.provider for r in rows] == [p for p in bench.PROVIDERS for _ in (4, 8)]
     assert all(math.isfinite(r.ms_p50) and r.ms_p50 > 0 for r in rows)
     assert [r.mode for r in rows if r.provider == "open_clip-accum"] == ["accum=1", "accum=2"]

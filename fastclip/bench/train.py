@@ -15,12 +15,12 @@ on a GPU):
 Reported per (provider, B): ms per step (p20/p50/p80), samples/s = B / p50, and the peak memory one step adds beyond
 the weights and optimizer state. The max batch of a provider is the largest B whose step ran and fitted in
 ``--memory-budget-mb`` (a GPU's memory when not given; on the CPU the budget is a stand-in for a device's memory).
-Rows are appended to ``benchmarks/results/train.csv`` (long format) and drawn to ``benchmarks/results/train.png``.
-CPU timings say nothing about GPU speed.
+Each row is appended to ``train.csv`` (long format; ``./fastclip-results/`` unless ``--out``, ``--csv`` or ``--save``
+says otherwise) as it is measured, and the rows are drawn to ``train.png`` beside it. CPU timings say nothing about
+GPU speed.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from argparse import Namespace
@@ -28,10 +28,8 @@ from typing import Callable, List
 
 import torch
 
-from fastclip.bench.common import Row, append_csv, environment, format_table, is_oom, peak_memory_mb, quantiles, \
-    time_fn
-
-DEFAULT_CSV = "benchmarks/results/train.csv"
+from fastclip.bench.common import CsvWriter, Row, add_output_arguments, bench_parser, csv_path, environment, \
+    format_table, is_oom, peak_memory_mb, quantiles, time_fn
 PROVIDERS = ("fastclip", "fastclip-full", "open_clip-accum", "open_clip")
 
 
@@ -190,6 +188,8 @@ def run(args) -> List[Row]:
     print(f"# train step, {name}, M = {micro}, on {env['device']} | torch {env['torch']} | {env['git_sha']}",
           file=sys.stderr)
     rows: List[Row] = []
+    path = csv_path(args, "train.csv")
+    sink = CsvWriter(path)
     for provider in providers:
         for batch in batches:
             try:
@@ -203,6 +203,7 @@ def run(args) -> List[Row]:
                 if gpu:
                     torch.cuda.empty_cache()
             rows.append(row)
+            sink.write(row)
             print(format_table([row], columns=("provider", "mode", "shape", "ms_p50", "peak_mem_mb", "note"))
                   .splitlines()[-1], file=sys.stderr, flush=True)
             if row.note == "OOM":
@@ -211,19 +212,16 @@ def run(args) -> List[Row]:
                                       "note")))
     best = max_batches(rows, budget)
     print(f"\nmax batch within {budget:.0f} MB: " + ", ".join(f"{p} {b}" for p, b in best.items()))
-    if args.csv != "none":
-        csv_path = args.csv or DEFAULT_CSV
-        append_csv(csv_path, rows)
-        png = csv_path[:-4] + ".png" if csv_path.endswith(".csv") else csv_path + ".png"
+    sink.close()
+    if path is not None:
+        png = path[:-4] + ".png" if path.endswith(".csv") else path + ".png"
         plot(rows, png, budget)
-        print(f"{len(rows)} rows appended to {csv_path}; plot: {png}")
+        print(f"{len(rows)} rows appended to {path}; plot: {png}")
     return rows
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="fastclip bench train", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("train", __doc__)
     p.add_argument("--model", help="'tiny' or a fastclip.list_models() name (default: tiny on the CPU, ViT-B-32 on "
                                    "a GPU)")
     p.add_argument("--batch", type=int, nargs="+", help="global batch sizes (multiples of --micro-batch)")
@@ -233,7 +231,7 @@ def main(argv=None) -> int:
                                                           "the CPU)")
     p.add_argument("--rep", type=int, default=3, help="timed steps per case")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--csv", help=f"CSV to append to (default {DEFAULT_CSV}; 'none' to skip)")
+    add_output_arguments(p)
     args = p.parse_args(argv)
     run(args)
     return 0
