@@ -73,12 +73,7 @@ WRAPS = {
     "compile(ddp)": lambda m: torch.compile(torch.nn.parallel.DistributedDataParallel(m)),
     "compile(ddp(compile))": lambda m: torch.compile(torch.nn.parallel.DistributedDataParallel(torch.compile(m))),
 }
-KNOWN_BUG = {"compile(ddp)", "compile(ddp(compile))"}  # 'module.' stripped before '_orig_mod.', never revisited
-
-
-@pytest.mark.parametrize("wrap", [pytest.param(w, marks=pytest.mark.xfail(
-    strict=True, reason="clean_state_dict prefix order; fixed in fastclip/models by the towers branch"))
-    if w in KNOWN_BUG else w for w in WRAPS])
+@pytest.mark.parametrize("wrap", list(WRAPS))
 def test_clean_state_dict_of_wrapped_models(one_process_group, wrap):
     model = _Tiny()
     saved = WRAPS[wrap](model).state_dict()
