@@ -75,8 +75,8 @@ def _attn_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """O and lse for queries [pid_m * BLOCK_M, ...) of one (batch, head)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)  # B * H on axis 0: axes 1 and 2 are limited to 65,535 programs
+    start_m = tl.program_id(1) * BLOCK_M
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -134,7 +134,7 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_kernel(
     Q, K, V, MASK, O, DO, LSE,              # as the forward's, plus O and dO (B, S_q, H, D) any strides
-    DQ_ACC, DQ, DK, DV, DELTA,              # dQ accumulator (B, S_q, H, D) fp32; dQ/dK/dV outs; delta (B, H, S_q)
+    DQ_ACC, DQ, DK, DV, DELTA,              # dQ accumulator (B, S_q, H, D) fp32, zeroed; dQ/dK/dV outs; delta
     S_Q, S_K, H, D, sm_scale, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -186,8 +186,7 @@ def _attn_bwd_kernel(
         v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        # causal: queries before this key block see none of it. Key block 0 is seen by every query, so the first
-        # outer iteration writes every row of DQ_ACC and later ones may read-modify-write it.
+        # causal: queries before this key block see none of it
         lo = 0
         if CAUSAL:
             lo = (start_n // BLOCK_M) * BLOCK_M
@@ -201,30 +200,31 @@ def _attn_bwd_kernel(
             lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * LOG2E_C
             delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
 
-            # -- recompute P (the where comes after exp2: an empty row has lse = -inf and would give NaN)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            valid = mask_m[:, None] & valid_n[None, :]
+            # -- recompute P^T (the where comes after exp2: an empty row has lse = -inf and would give NaN).
+            # Tiles are key-major, (BLOCK_N, BLOCK_M): P^T and dS^T are then the register operand (A) of the dV
+            # and dK products, and every product has 64+ rows, as warp-group MMA (sm_90) needs.
+            s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+            valid = valid_n[:, None] & mask_m[None, :]
             if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+                valid = valid & (offs_n[:, None] <= offs_m[None, :])
+            p_t = tl.where(valid, tl.exp2(s_t - lse2[None, :]), 0.0)
 
-            # -- dV += P^T dO;  dS = P (dP - delta);  dK += c dS^T Q;  dQ += c dS K
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-            ds = (p * (dp - delta[:, None]) * sm_scale).to(q.dtype)
-            dk = tl.dot(tl.trans(ds), q, dk, input_precision=INPUT_PRECISION)
-            dq = tl.dot(ds, k, input_precision=INPUT_PRECISION)
-            dq_ptrs = DQ_ACC + offs_m[:, None] * stride_as + offs_d[None, :]
-            if start_n > 0:
-                dq += tl.load(dq_ptrs, mask=mask_md, other=0.0)
-            tl.store(dq_ptrs, dq, mask=mask_md)
-        # the next key block reads the dQ rows this one wrote, possibly from other threads
-        tl.debug_barrier()
+            # -- dV += P^T dO;  dS^T = P^T (dP^T - delta);  dK += c dS^T Q;  dQ += c dS K
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :]) * sm_scale).to(q.dtype)
+            dk = tl.dot(ds_t, q, dk, input_precision=INPUT_PRECISION)
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=INPUT_PRECISION)
+            # fire-and-forget adds (no load in the loop). Deterministic: only this program touches these rows, and
+            # one element is always added by the same thread (the tile layout is fixed and start_m is a multiple
+            # of BLOCK_M), in program order, so the sum's order is fixed.
+            tl.atomic_add(DQ_ACC + offs_m[:, None] * stride_as + offs_d[None, :], dq, mask=mask_md, sem="relaxed")
         tl.store(DK + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_nd)
         tl.store(DV + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_nd)
 
     if not DQ_IS_ACC:
-        # -- epilogue: the fp32 accumulator to dQ's dtype
+        # -- epilogue: the fp32 accumulator to dQ's dtype (rows added by other threads of this program)
+        tl.debug_barrier()
         for start_m in range(0, S_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_md = (offs_m < S_Q)[:, None] & mask_d[None, :]
@@ -237,35 +237,48 @@ def _attn_bwd_kernel(
 # Launchers: shapes, allocation, grid, block sizes.
 
 
-def _fwd_config(s_q: int, s_k: int, d: int, dtype: torch.dtype) -> dict:
-    block_d = _pow2(d)
-    if triton_interpret():
-        # small, unequal tiles: several blocks per sequence, masked edges, causal blocks straddling the diagonal
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    # Checked with ptxas for sm_90 (no spills; registers, not shared memory, are the limit). 64-row query tiles keep
-    # short sequences (50, 77) from wasting most of a 128-row tile; 128 rows only for long ones. fp32 (IEEE, FMA
-    # dots) needs smaller tiles or more warps to stay out of local memory.
-    if dtype == torch.float32:
-        cfg = (64, 32, 8, 1) if block_d <= 64 else (32, 32, 8, 2)
-    elif block_d <= 64:
-        cfg = (128, 64, 8, 3) if s_q >= 512 else (64, 64, 4, 2)
-    else:
-        cfg = (64, 32, 4, 2)
-    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg), BLOCK_D=block_d)
+# GPU tiles, one table for both kernels (a static check compiles every row): (kernel, inputs, BLOCK_D) ->
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). "16-bit" is fp16/bf16 (tensor cores, warp-group MMA on sm_90 where
+# every product has 64+ rows); "fp32" runs IEEE fp32 on FMA units unless TF32 is allowed, so its tiles are small
+# to stay out of local memory. Compiled for sm_90 with the JIT's specialization: no spills (benchmarks/NOTES.md).
+GPU_TILES = {
+    ("fwd", "16-bit", 16): (64, 64, 4, 3),
+    ("fwd", "16-bit", 32): (64, 64, 4, 3),
+    ("fwd", "16-bit", 64): (64, 64, 4, 3),
+    ("fwd", "16-bit", 128): (64, 64, 4, 2),
+    ("fwd", "fp32", 16): (64, 32, 8, 1),
+    ("fwd", "fp32", 32): (64, 32, 8, 1),
+    ("fwd", "fp32", 64): (64, 32, 8, 1),
+    ("fwd", "fp32", 128): (32, 32, 8, 2),
+    ("bwd", "16-bit", 16): (64, 64, 8, 2),
+    ("bwd", "16-bit", 32): (64, 64, 8, 2),
+    ("bwd", "16-bit", 64): (64, 64, 8, 2),
+    # 64 query rows would put dQ = dS K on warp-group MMA too, but spill (12 bytes with 1 stage, 60 with 2)
+    ("bwd", "16-bit", 128): (32, 64, 8, 2),
+    ("bwd", "fp32", 16): (16, 32, 4, 1),
+    ("bwd", "fp32", 32): (16, 32, 4, 1),
+    ("bwd", "fp32", 64): (16, 32, 4, 1),
+    ("bwd", "fp32", 128): (16, 32, 8, 1),
+}
+# Under the interpreter: small, unequal tiles, so that test sizes cover several blocks per sequence, masked edges
+# and causal blocks straddling the diagonal.
+INTERPRETER_TILES = (16, 32, 4, 1)
 
 
-def _bwd_config(s_q: int, s_k: int, d: int, dtype: torch.dtype) -> dict:
+def _config(kernel: str, d: int, dtype: torch.dtype) -> dict:
     block_d = _pow2(d)
-    if triton_interpret():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    # Registers hold dK, dV (2 x BLOCK_N x BLOCK_D fp32), K, V and the (BLOCK_M, BLOCK_N) P/dP/dS tiles, so the
-    # inner query tile stays small; checked with ptxas for sm_90 (no spills). Candidates to time on a GPU:
-    # (64, 64, 8 warps) for head_dim <= 64 (255 registers, one program per SM), (32, 32) for 128.
-    if dtype == torch.float32:
-        cfg = (16, 32, 4, 1) if block_d <= 64 else (16, 32, 8, 1)
-    else:
-        cfg = (32, 64, 4, 2) if block_d <= 64 else (32, 64, 8, 1)
-    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg), BLOCK_D=block_d)
+    tiles = INTERPRETER_TILES if triton_interpret() else \
+        GPU_TILES[(kernel, "fp32" if dtype == torch.float32 else "16-bit", block_d)]
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tiles), BLOCK_D=block_d)
+
+
+def _fwd_grid(b: int, h: int, s_q: int, block_m: int) -> Tuple[int, int]:
+    # B * H on axis 0 (up to 2^31 - 1 programs); axis 1 (at most 65,535) holds the query blocks
+    return b * h, triton.cdiv(s_q, block_m)
+
+
+def _bwd_grid(b: int, h: int) -> Tuple[int]:
+    return (b * h,)
 
 
 def _check_offsets(*tensors: torch.Tensor) -> None:
@@ -287,11 +300,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     if out.numel() == 0:
         return out, lse
     _check_offsets(q, k, v)
-    cfg = _fwd_config(s_q, s_k, d, q.dtype)
+    cfg = _config("fwd", d, q.dtype)
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else lse  # dummy when unused
     mask_strides = (mask.stride(0), mask.stride(1)) if key_padding_mask is not None else (0, 0)
-    grid = (triton.cdiv(s_q, cfg["BLOCK_M"]), b * h)
-    _attn_fwd_kernel[grid](
+    _attn_fwd_kernel[_fwd_grid(b, h, s_q, cfg["BLOCK_M"])](
         q, k, v, mask, out, lse,
         s_q, s_k, h, d, softmax_scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
@@ -305,19 +317,19 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     """Returns (dq, dk, dv), each contiguous (B, S, H, D) in the inputs' dtype."""
     b, s_q, h, d = q.shape
     s_k = k.shape[1]
-    dq = torch.empty((b, s_q, h, d), dtype=q.dtype, device=q.device)
+    dq_is_acc = q.dtype == torch.float32  # the kernel adds dQ up in place: zeros
+    dq = (torch.zeros if dq_is_acc else torch.empty)((b, s_q, h, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, s_k, h, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, s_k, h, d), dtype=v.dtype, device=v.device)
     if dq.numel() == 0:
         return dq, dk, dv
     _check_offsets(q, k, v, out, dout)
-    cfg = _bwd_config(s_q, s_k, d, q.dtype)
-    dq_is_acc = q.dtype == torch.float32
-    dq_acc = dq if dq_is_acc else torch.empty((b, s_q, h, d), dtype=torch.float32, device=q.device)
+    cfg = _config("bwd", d, q.dtype)
+    dq_acc = dq if dq_is_acc else torch.zeros((b, s_q, h, d), dtype=torch.float32, device=q.device)
     delta = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else delta  # dummy when unused
     mask_strides = (mask.stride(0), mask.stride(1)) if key_padding_mask is not None else (0, 0)
-    _attn_bwd_kernel[(b * h,)](
+    _attn_bwd_kernel[_bwd_grid(b, h)](
         q, k, v, mask, out, dout, lse.contiguous(),
         dq_acc, dq, dk, dv, delta,
         s_q, s_k, h, d, softmax_scale, softmax_scale * LOG2E,
