@@ -11,10 +11,10 @@
 
 ``python -m fastclip.info`` lists every backend and why it is or is not available here.
 """
-from fastclip.functional import contrastive_loss, flash_attention, siglip_loss  # first: it loads every op
+from fastclip.functional import contrastive_loss, flash_attention, siglip_loss
 from fastclip import nn  # noqa: F401,I001  (fastclip.nn.MultiheadAttention)
 from fastclip.losses import ContrastiveLoss, SigLIPLoss
-from fastclip.ops.registry import BackendError
+from fastclip.dispatch import BackendError
 
 __version__ = "0.1.0"
 __all__ = ["ContrastiveLoss", "SigLIPLoss", "contrastive_loss", "siglip_loss", "flash_attention", "BackendError",
