@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastclip
-from fastclip.ops.reference import attention_ref
+from fastclip.ops.attention.reference import attention_ref
 
 from .helpers import assert_close
 from .test_attention import GRAD_NAMES, attn_and_grads, check_against_reference, upcast
@@ -116,7 +116,7 @@ def test_confident_regime_fp16_gradients(backend):
 
 def test_fwd_grid_puts_batch_heads_on_axis_0():
     """B * H beyond CUDA's 65,535 limit on grid axes 1 and 2 (large-batch evaluation) must still launch."""
-    from fastclip.ops.triton.attention import _bwd_grid, _fwd_grid
+    from fastclip.ops.attention.triton import _bwd_grid, _fwd_grid
 
     b, h, s = 5834, 12, 77  # B * H = 70,008
     for grid in (_fwd_grid(b, h, s, 64), _bwd_grid(b, h)):
