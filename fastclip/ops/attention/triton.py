@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from fastclip.dispatch import triton_interpret
-from fastclip.ops.contrastive.triton import LN2, LOG2E, _input_precision, _pow2
+from fastclip.ops.contrastive.triton import LN2, LOG2E, _input_precision
 
 # compiled kernels may only read globals that are constexpr (the interpreter does not enforce it)
 LOG2E_C = tl.constexpr(LOG2E)
@@ -61,49 +61,76 @@ def _valid_keys(MASK, off_b, offs_n, S_K, stride_mb, stride_mn, HAS_MASK: tl.con
 
 
 @triton.jit
+def _load_rows(PTR, offs_r, mask_r, stride_r, stride_d, D, D_OFF: tl.constexpr, WIDTH: tl.constexpr):
+    """(rows, WIDTH) tile of columns [D_OFF, D_OFF + WIDTH); zeros past D and outside mask_r."""
+    offs_d = D_OFF + tl.arange(0, WIDTH)
+    return tl.load(PTR + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
+                   mask=mask_r[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(PTR, x, offs_r, mask_r, stride_r, D, D_OFF: tl.constexpr, WIDTH: tl.constexpr):
+    """Stores a (rows, WIDTH) tile at columns [D_OFF, D_OFF + WIDTH) of a unit-stride last dim, in PTR's dtype."""
+    offs_d = D_OFF + tl.arange(0, WIDTH)
+    tl.store(PTR + offs_r[:, None] * stride_r + offs_d[None, :], x.to(PTR.dtype.element_ty),
+             mask=mask_r[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, MASK,                          # (B, S_q, H, D), (B, S_k, H, D) x2, any strides; (B, S_k) uint8
-    O, LSE,                                 # (B, S_q, H, D) out in Q's dtype; (B, H, S_q) fp32 out, natural log
-    S_Q, S_K, H, D, qk_scale,               # qk_scale = softmax_scale * log2(e)
+    O, LSE,                                 # (B, S_q, H, D) out in Q's dtype, last stride 1; (B, H, S_q) fp32 out
+    S_Q, S_K, H, D: tl.constexpr, qk_scale,  # D: the head dim (constexpr: masks known to the compiler)
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_ob, stride_os, stride_oh, stride_od,
+    stride_ob, stride_os, stride_oh,
     stride_mb, stride_mn,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """O and lse for queries [pid_m * BLOCK_M, ...) of one (batch, head)."""
+    """O and lse for queries [pid_m * BLOCK_M, ...) of one (batch, head).
+
+    The head dim is covered by two power-of-two column pieces, [0, BLOCK_D0) and [BLOCK_D0, BLOCK_D0 + BLOCK_D1)
+    (BLOCK_D1 = 0: one piece), so that D = 80 costs 64 + 16 columns, not 128.
+    """
     off_bh = tl.program_id(0)  # B * H on axis 0: axes 1 and 2 are limited to 65,535 programs
     start_m = tl.program_id(1) * BLOCK_M
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    O += off_b * stride_ob + off_h * stride_oh
+    Q += tl.multiple_of(off_b * stride_qb + off_h * stride_qh, ALIGN)
+    K += tl.multiple_of(off_b * stride_kb + off_h * stride_kh, ALIGN)
+    V += tl.multiple_of(off_b * stride_vb + off_h * stride_vh, ALIGN)
+    O += tl.multiple_of(off_b * stride_ob + off_h * stride_oh, ALIGN)
+    stride_qs = tl.multiple_of(stride_qs, ALIGN)
+    stride_ks = tl.multiple_of(stride_ks, ALIGN)
+    stride_vs = tl.multiple_of(stride_vs, ALIGN)
+    stride_os = tl.multiple_of(stride_os, ALIGN)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < S_Q
-    mask_d = offs_d < D
-    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-
+    q0 = _load_rows(Q, offs_m, mask_m, stride_qs, stride_qd, D, 0, BLOCK_D0)  # (BLOCK_M, BLOCK_D0)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_D0), dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        q1 = _load_rows(Q, offs_m, mask_m, stride_qs, stride_qd, D, BLOCK_D0, BLOCK_D1)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_D1), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # causal (top-left): query i sees keys j <= i, so this block needs no key past its last query
     hi = S_K
     if CAUSAL:
         hi = tl.minimum(S_K, start_m + BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_n = offs_n < S_K
         valid_n = _valid_keys(MASK, off_b, offs_n, S_K, stride_mb, stride_mn, HAS_MASK)
-        k = tl.load(K + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                    mask=(offs_n < S_K)[None, :] & mask_d[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        k0 = _load_rows(K, offs_n, in_n, stride_ks, stride_kd, D, 0, BLOCK_D0)  # (BLOCK_N, BLOCK_D0)
+        s = tl.dot(q0, tl.trans(k0), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if BLOCK_D1 > 0:
+            k1 = _load_rows(K, offs_n, in_n, stride_ks, stride_kd, D, BLOCK_D0, BLOCK_D1)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=INPUT_PRECISION)
+        s = s * qk_scale  # base-2 logits
         valid = valid_n[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
@@ -117,17 +144,20 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
         # -- update acc
-        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=(offs_n < S_K)[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        v0 = _load_rows(V, offs_n, in_n, stride_vs, stride_vd, D, 0, BLOCK_D0)  # (BLOCK_N, BLOCK_D0)
+        p = p.to(v0.dtype)
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=INPUT_PRECISION)
+        if BLOCK_D1 > 0:
+            v1 = _load_rows(V, offs_n, in_n, stride_vs, stride_vd, D, BLOCK_D0, BLOCK_D1)
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
 
     # -- epilogue: a query that saw no key has l_i = 0 and acc = 0: output 0, lse = -inf
-    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
-    lse = (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * LN2_C  # m_i = -inf where l_i = 0: lse = -inf
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    _store_rows(O, acc0 / l_safe[:, None], offs_m, mask_m, stride_os, D, 0, BLOCK_D0)
+    if BLOCK_D1 > 0:
+        _store_rows(O, acc1 / l_safe[:, None], offs_m, mask_m, stride_os, D, BLOCK_D0, BLOCK_D1)
+    lse = (m_i + tl.log2(l_safe)) * LN2_C  # m_i = -inf where l_i = 0: lse = -inf
     tl.store(LSE + off_bh.to(tl.int64) * S_Q + offs_m, lse, mask=mask_m)
 
 
@@ -135,7 +165,7 @@ def _attn_fwd_kernel(
 def _attn_bwd_kernel(
     Q, K, V, MASK, O, DO, LSE,              # as the forward's, plus O and dO (B, S_q, H, D) any strides
     DQ_ACC, DQ, DK, DV, DELTA,              # dQ accumulator (B, S_q, H, D) fp32, zeroed; dQ/dK/dV outs; delta
-    S_Q, S_K, H, D, sm_scale, qk_scale,
+    S_Q, S_K, H, D: tl.constexpr, sm_scale, qk_scale,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -146,46 +176,62 @@ def _attn_bwd_kernel(
     stride_dqb, stride_dqs, stride_dqh,     # DQ, DK, DV (last stride 1)
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DQ_IS_ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DQ_IS_ACC: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """dQ, dK, dV of one whole (batch, head): one program, no atomics."""
+    """dQ, dK, dV of one whole (batch, head): one program; head dim in two pieces as in the forward."""
     off_bh = tl.program_id(0)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    O += off_b * stride_ob + off_h * stride_oh
-    DO += off_b * stride_dob + off_h * stride_doh
-    DQ_ACC += off_b * stride_ab + off_h * stride_ah
-    DQ += off_b * stride_dqb + off_h * stride_dqh
-    DK += off_b * stride_dkb + off_h * stride_dkh
-    DV += off_b * stride_dvb + off_h * stride_dvh
+    Q += tl.multiple_of(off_b * stride_qb + off_h * stride_qh, ALIGN)
+    K += tl.multiple_of(off_b * stride_kb + off_h * stride_kh, ALIGN)
+    V += tl.multiple_of(off_b * stride_vb + off_h * stride_vh, ALIGN)
+    O += tl.multiple_of(off_b * stride_ob + off_h * stride_oh, ALIGN)
+    DO += tl.multiple_of(off_b * stride_dob + off_h * stride_doh, ALIGN)
+    DQ_ACC += tl.multiple_of(off_b * stride_ab + off_h * stride_ah, ALIGN)
+    DQ += tl.multiple_of(off_b * stride_dqb + off_h * stride_dqh, ALIGN)
+    DK += tl.multiple_of(off_b * stride_dkb + off_h * stride_dkh, ALIGN)
+    DV += tl.multiple_of(off_b * stride_dvb + off_h * stride_dvh, ALIGN)
+    stride_qs = tl.multiple_of(stride_qs, ALIGN)
+    stride_ks = tl.multiple_of(stride_ks, ALIGN)
+    stride_vs = tl.multiple_of(stride_vs, ALIGN)
+    stride_os = tl.multiple_of(stride_os, ALIGN)
+    stride_dos = tl.multiple_of(stride_dos, ALIGN)
+    stride_as = tl.multiple_of(stride_as, ALIGN)
+    stride_dqs = tl.multiple_of(stride_dqs, ALIGN)
+    stride_dks = tl.multiple_of(stride_dks, ALIGN)
+    stride_dvs = tl.multiple_of(stride_dvs, ALIGN)
     LSE += off_bh.to(tl.int64) * S_Q
     DELTA += off_bh.to(tl.int64) * S_Q
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
 
-    # -- prologue: delta_i = <dO_i, O_i> for every query of this (batch, head)
+    # -- prologue: delta_i = <dO_i, O_i> in fp32, for every query of this (batch, head)
     for start_m in range(0, S_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_md = (offs_m < S_Q)[:, None] & mask_d[None, :]
-        o = tl.load(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, mask=mask_md, other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask_md, other=0.0)
-        tl.store(DELTA + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=offs_m < S_Q)
+        mask_m = offs_m < S_Q
+        o = _load_rows(O, offs_m, mask_m, stride_os, stride_od, D, 0, BLOCK_D0).to(tl.float32)
+        do = _load_rows(DO, offs_m, mask_m, stride_dos, stride_dod, D, 0, BLOCK_D0).to(tl.float32)
+        delta = tl.sum(o * do, axis=1)
+        if BLOCK_D1 > 0:
+            o = _load_rows(O, offs_m, mask_m, stride_os, stride_od, D, BLOCK_D0, BLOCK_D1).to(tl.float32)
+            do = _load_rows(DO, offs_m, mask_m, stride_dos, stride_dod, D, BLOCK_D0, BLOCK_D1).to(tl.float32)
+            delta += tl.sum(o * do, axis=1)
+        tl.store(DELTA + offs_m, delta, mask=mask_m)
     tl.debug_barrier()  # delta is written and read by different threads of this program
 
     for start_n in range(0, S_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < S_K
         valid_n = _valid_keys(MASK, off_b, offs_n, S_K, stride_mb, stride_mn, HAS_MASK)
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
-        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        k0 = _load_rows(K, offs_n, mask_n, stride_ks, stride_kd, D, 0, BLOCK_D0)  # (BLOCK_N, BLOCK_D0)
+        v0 = _load_rows(V, offs_n, mask_n, stride_vs, stride_vd, D, 0, BLOCK_D0)
+        dk0 = tl.zeros((BLOCK_N, BLOCK_D0), dtype=tl.float32)
+        dv0 = tl.zeros((BLOCK_N, BLOCK_D0), dtype=tl.float32)
+        if BLOCK_D1 > 0:
+            k1 = _load_rows(K, offs_n, mask_n, stride_ks, stride_kd, D, BLOCK_D0, BLOCK_D1)
+            v1 = _load_rows(V, offs_n, mask_n, stride_vs, stride_vd, D, BLOCK_D0, BLOCK_D1)
+            dk1 = tl.zeros((BLOCK_N, BLOCK_D1), dtype=tl.float32)
+            dv1 = tl.zeros((BLOCK_N, BLOCK_D1), dtype=tl.float32)
         # causal: queries before this key block see none of it
         lo = 0
         if CAUSAL:
@@ -193,71 +239,114 @@ def _attn_bwd_kernel(
         for start_m in range(lo, S_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < S_Q
-            mask_md = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
-            do = tl.load(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=mask_md,
-                         other=0.0)
+            q0 = _load_rows(Q, offs_m, mask_m, stride_qs, stride_qd, D, 0, BLOCK_D0)  # (BLOCK_M, BLOCK_D0)
+            do0 = _load_rows(DO, offs_m, mask_m, stride_dos, stride_dod, D, 0, BLOCK_D0)
+            if BLOCK_D1 > 0:
+                q1 = _load_rows(Q, offs_m, mask_m, stride_qs, stride_qd, D, BLOCK_D0, BLOCK_D1)
+                do1 = _load_rows(DO, offs_m, mask_m, stride_dos, stride_dod, D, BLOCK_D0, BLOCK_D1)
             lse2 = tl.load(LSE + offs_m, mask=mask_m, other=0.0) * LOG2E_C
             delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
 
             # -- recompute P^T (the where comes after exp2: an empty row has lse = -inf and would give NaN).
             # Tiles are key-major, (BLOCK_N, BLOCK_M): P^T and dS^T are then the register operand (A) of the dV
-            # and dK products, and every product has 64+ rows, as warp-group MMA (sm_90) needs.
-            s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+            # and dK products, and every product has BLOCK_N or BLOCK_M rows (64 for warp-group MMA on sm_90).
+            s_t = tl.dot(k0, tl.trans(q0), input_precision=INPUT_PRECISION)
+            if BLOCK_D1 > 0:
+                s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=INPUT_PRECISION)
             valid = valid_n[:, None] & mask_m[None, :]
             if CAUSAL:
                 valid = valid & (offs_n[:, None] <= offs_m[None, :])
-            p_t = tl.where(valid, tl.exp2(s_t - lse2[None, :]), 0.0)
+            p_t = tl.where(valid, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
 
             # -- dV += P^T dO;  dS^T = P^T (dP^T - delta);  dK += c dS^T Q;  dQ += c dS K
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-            ds_t = (p_t * (dp_t - delta[None, :]) * sm_scale).to(q.dtype)
-            dk = tl.dot(ds_t, q, dk, input_precision=INPUT_PRECISION)
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=INPUT_PRECISION)
-            # fire-and-forget adds (no load in the loop). Deterministic: only this program touches these rows, and
-            # one element is always added by the same thread (the tile layout is fixed and start_m is a multiple
-            # of BLOCK_M), in program order, so the sum's order is fixed.
-            tl.atomic_add(DQ_ACC + offs_m[:, None] * stride_as + offs_d[None, :], dq, mask=mask_md, sem="relaxed")
-        tl.store(DK + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_nd)
-        tl.store(DV + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_nd)
+            p_lo = p_t.to(do0.dtype)
+            dv0 = tl.dot(p_lo, do0, dv0, input_precision=INPUT_PRECISION)
+            dp_t = tl.dot(v0, tl.trans(do0), input_precision=INPUT_PRECISION)
+            if BLOCK_D1 > 0:
+                dv1 = tl.dot(p_lo, do1, dv1, input_precision=INPUT_PRECISION)
+                dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=INPUT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :]) * sm_scale).to(q0.dtype)
+            # fire-and-forget adds into dQ (no load in the loop). Deterministic: only this program touches these
+            # rows, and an element is always added by the same thread (the tile layout is fixed and start_m is a
+            # multiple of BLOCK_M), in program order, so the order of the sum is fixed.
+            dq_ptrs = DQ_ACC + offs_m[:, None] * stride_as
+            offs_d0 = tl.arange(0, BLOCK_D0)
+            dk0 = tl.dot(ds_t, q0, dk0, input_precision=INPUT_PRECISION)
+            dq0 = tl.dot(tl.trans(ds_t), k0, input_precision=INPUT_PRECISION)
+            tl.atomic_add(dq_ptrs + offs_d0[None, :], dq0, mask=mask_m[:, None] & (offs_d0 < D)[None, :],
+                          sem="relaxed")
+            if BLOCK_D1 > 0:
+                offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+                dk1 = tl.dot(ds_t, q1, dk1, input_precision=INPUT_PRECISION)
+                dq1 = tl.dot(tl.trans(ds_t), k1, input_precision=INPUT_PRECISION)
+                tl.atomic_add(dq_ptrs + offs_d1[None, :], dq1, mask=mask_m[:, None] & (offs_d1 < D)[None, :],
+                              sem="relaxed")
+        _store_rows(DK, dk0, offs_n, mask_n, stride_dks, D, 0, BLOCK_D0)
+        _store_rows(DV, dv0, offs_n, mask_n, stride_dvs, D, 0, BLOCK_D0)
+        if BLOCK_D1 > 0:
+            _store_rows(DK, dk1, offs_n, mask_n, stride_dks, D, BLOCK_D0, BLOCK_D1)
+            _store_rows(DV, dv1, offs_n, mask_n, stride_dvs, D, BLOCK_D0, BLOCK_D1)
 
     if not DQ_IS_ACC:
         # -- epilogue: the fp32 accumulator to dQ's dtype (rows added by other threads of this program)
         tl.debug_barrier()
         for start_m in range(0, S_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            mask_md = (offs_m < S_Q)[:, None] & mask_d[None, :]
-            dq = tl.load(DQ_ACC + offs_m[:, None] * stride_as + offs_d[None, :], mask=mask_md, other=0.0)
-            tl.store(DQ + offs_m[:, None] * stride_dqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                     mask=mask_md)
+            mask_m = offs_m < S_Q
+            dq = _load_rows(DQ_ACC, offs_m, mask_m, stride_as, 1, D, 0, BLOCK_D0)
+            _store_rows(DQ, dq, offs_m, mask_m, stride_dqs, D, 0, BLOCK_D0)
+            if BLOCK_D1 > 0:
+                dq = _load_rows(DQ_ACC, offs_m, mask_m, stride_as, 1, D, BLOCK_D0, BLOCK_D1)
+                _store_rows(DQ, dq, offs_m, mask_m, stride_dqs, D, BLOCK_D0, BLOCK_D1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers: shapes, allocation, grid, block sizes.
 
 
-# GPU tiles, one table for both kernels (a static check compiles every row): (kernel, inputs, BLOCK_D) ->
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). "16-bit" is fp16/bf16 (tensor cores, warp-group MMA on sm_90 where
-# every product has 64+ rows); "fp32" runs IEEE fp32 on FMA units unless TF32 is allowed, so its tiles are small
-# to stay out of local memory. Compiled for sm_90 with the JIT's specialization: no spills (benchmarks/NOTES.md).
+def _head_pieces(d: int) -> Tuple[int, int]:
+    """(BLOCK_D0, BLOCK_D1): the head dim padded to 16, 32, 48, 64, 80, 96 or 128, as one power of two or the sum of
+    two (64 + 16 = 80, 64 + 32 = 96): tl.arange spans powers of two only."""
+    for pieces in ((16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (128, 0)):
+        if d <= sum(pieces):
+            return pieces
+    raise ValueError(f"the triton attention kernels take head_dim <= 128, got {d}")
+
+
+# GPU tiles, one table for both kernels (a static check compiles every row): (kernel, inputs, padded head dim) ->
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). "16-bit" is fp16/bf16 (tensor cores; on sm_90 a product lowers to
+# warp-group MMA when its tile has 64+ rows); "fp32" runs IEEE fp32 on FMA units unless TF32 is allowed, so its
+# tiles are small to stay out of local memory. Each row compiles for sm_90 without spills (benchmarks/NOTES.md).
 GPU_TILES = {
     ("fwd", "16-bit", 16): (64, 64, 4, 3),
     ("fwd", "16-bit", 32): (64, 64, 4, 3),
+    ("fwd", "16-bit", 48): (64, 64, 4, 3),
     ("fwd", "16-bit", 64): (64, 64, 4, 3),
+    ("fwd", "16-bit", 80): (64, 64, 4, 3),
+    ("fwd", "16-bit", 96): (64, 64, 4, 3),
     ("fwd", "16-bit", 128): (64, 64, 4, 2),
     ("fwd", "fp32", 16): (64, 32, 8, 1),
     ("fwd", "fp32", 32): (64, 32, 8, 1),
+    ("fwd", "fp32", 48): (64, 32, 8, 1),
     ("fwd", "fp32", 64): (64, 32, 8, 1),
+    ("fwd", "fp32", 80): (32, 32, 8, 2),
+    ("fwd", "fp32", 96): (32, 32, 8, 2),
     ("fwd", "fp32", 128): (32, 32, 8, 2),
     ("bwd", "16-bit", 16): (64, 64, 8, 2),
     ("bwd", "16-bit", 32): (64, 64, 8, 2),
+    ("bwd", "16-bit", 48): (64, 64, 8, 2),
     ("bwd", "16-bit", 64): (64, 64, 8, 2),
-    # 64 query rows would put dQ = dS K on warp-group MMA too, but spill (12 bytes with 1 stage, 60 with 2)
+    ("bwd", "16-bit", 80): (64, 64, 8, 2),
+    # from 96 columns, 64 query rows would put dQ = dS K on warp-group MMA too, but spill (8-16 bytes with 1 or 2
+    # stages) or lose the pipeline; 32 rows keep 4 of the 5 products on it
+    ("bwd", "16-bit", 96): (32, 64, 8, 2),
     ("bwd", "16-bit", 128): (32, 64, 8, 2),
-    ("bwd", "fp32", 16): (16, 32, 4, 1),
-    ("bwd", "fp32", 32): (16, 32, 4, 1),
+    ("bwd", "fp32", 16): (16, 32, 8, 1),
+    ("bwd", "fp32", 32): (16, 32, 8, 1),
+    ("bwd", "fp32", 48): (16, 32, 4, 1),
     ("bwd", "fp32", 64): (16, 32, 4, 1),
+    ("bwd", "fp32", 80): (16, 32, 8, 1),
+    ("bwd", "fp32", 96): (16, 32, 8, 1),
     ("bwd", "fp32", 128): (16, 32, 8, 1),
 }
 # Under the interpreter: small, unequal tiles, so that test sizes cover several blocks per sequence, masked edges
@@ -266,10 +355,11 @@ INTERPRETER_TILES = (16, 32, 4, 1)
 
 
 def _config(kernel: str, d: int, dtype: torch.dtype) -> dict:
-    block_d = _pow2(d)
+    block_d0, block_d1 = _head_pieces(d)
     tiles = INTERPRETER_TILES if triton_interpret() else \
-        GPU_TILES[(kernel, "fp32" if dtype == torch.float32 else "16-bit", block_d)]
-    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tiles), BLOCK_D=block_d)
+        GPU_TILES[(kernel, "fp32" if dtype == torch.float32 else "16-bit", block_d0 + block_d1)]
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tiles), BLOCK_D0=block_d0,
+                BLOCK_D1=block_d1)
 
 
 def _fwd_grid(b: int, h: int, s_q: int, block_m: int) -> Tuple[int, int]:
@@ -279,6 +369,18 @@ def _fwd_grid(b: int, h: int, s_q: int, block_m: int) -> Tuple[int, int]:
 
 def _bwd_grid(b: int, h: int) -> Tuple[int]:
     return (b * h,)
+
+
+def _align(*tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes when every tensor's address and batch/seq/head strides are multiples of it, else 1.
+
+    The JIT only knows divisibility by 16 elements: a head dim of 72 or 88 puts heads 144 or 176 bytes apart, which
+    it would take for unaligned (no vector loads, so no asynchronous copies and no pipelining).
+    """
+    n = 16 // tensors[0].element_size()
+    ok = all(t.data_ptr() % (n * t.element_size()) == 0 and all(st % n == 0 for st in t.stride()[:3])
+             for t in tensors)
+    return n if ok else 1
 
 
 def _check_offsets(*tensors: torch.Tensor) -> None:
@@ -306,8 +408,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     _attn_fwd_kernel[_fwd_grid(b, h, s_q, cfg["BLOCK_M"])](
         q, k, v, mask, out, lse,
         s_q, s_k, h, d, softmax_scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-        CAUSAL=causal, HAS_MASK=key_padding_mask is not None, INPUT_PRECISION=_input_precision(q.dtype), **cfg)
+        *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3], *mask_strides,
+        CAUSAL=causal, HAS_MASK=key_padding_mask is not None, ALIGN=_align(q, k, v, out),
+        INPUT_PRECISION=_input_precision(q.dtype), **cfg)
     return out, lse
 
 
@@ -336,5 +439,6 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *mask_strides,
         *dq_acc.stride()[:3], *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         CAUSAL=causal, HAS_MASK=key_padding_mask is not None, DQ_IS_ACC=dq_is_acc,
+        ALIGN=_align(q, k, v, out, dout, dq_acc, dq, dk, dv),
         INPUT_PRECISION=_input_precision(q.dtype), **cfg)
     return dq, dk, dv
