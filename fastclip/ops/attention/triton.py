@@ -306,8 +306,9 @@ def _attn_bwd_kernel(
 
 def _head_pieces(d: int) -> Tuple[int, int]:
     """(BLOCK_D0, BLOCK_D1): the head dim padded to 16, 32, 48, 64, 80, 96 or 128, as one power of two or the sum of
-    two (64 + 16 = 80, 64 + 32 = 96): tl.arange spans powers of two only."""
-    for pieces in ((16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (128, 0)):
+    two (64 + 16 = 80, 64 + 32 = 96): tl.arange spans powers of two only. 128 is 64 + 64: so split, the backward
+    with 64-row tiles fits the registers on sm_90 (as one 128-wide piece it spills)."""
+    for pieces in ((16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (64, 64)):
         if d <= sum(pieces):
             return pieces
     raise ValueError(f"the triton attention kernels take head_dim <= 128, got {d}")
@@ -337,17 +338,17 @@ GPU_TILES = {
     ("bwd", "16-bit", 48): (64, 64, 8, 2),
     ("bwd", "16-bit", 64): (64, 64, 8, 2),
     ("bwd", "16-bit", 80): (64, 64, 8, 2),
-    # from 96 columns, 64 query rows would put dQ = dS K on warp-group MMA too, but spill (8-16 bytes with 1 or 2
-    # stages) or lose the pipeline; 32 rows keep 4 of the 5 products on it
+    # at 96 columns, 64 query rows would put dQ = dS K on warp-group MMA too, but spill (16 bytes; 64 + 32 or
+    # 32 + 64 columns, 1 or 2 stages); 32 rows keep 4 of the 5 products on it
     ("bwd", "16-bit", 96): (32, 64, 8, 2),
-    ("bwd", "16-bit", 128): (32, 64, 8, 2),
+    ("bwd", "16-bit", 128): (64, 64, 8, 2),
     ("bwd", "fp32", 16): (16, 32, 8, 1),
     ("bwd", "fp32", 32): (16, 32, 8, 1),
     ("bwd", "fp32", 48): (16, 32, 4, 1),
     ("bwd", "fp32", 64): (16, 32, 4, 1),
     ("bwd", "fp32", 80): (16, 32, 8, 1),
     ("bwd", "fp32", 96): (16, 32, 8, 1),
-    ("bwd", "fp32", 128): (16, 32, 8, 1),
+    ("bwd", "fp32", 128): (32, 16, 8, 1),
 }
 # Under the interpreter: small, unequal tiles, so that test sizes cover several blocks per sequence, masked edges
 # and causal blocks straddling the diagonal.
