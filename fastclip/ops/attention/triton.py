@@ -11,28 +11,44 @@ Backward (dO given):  dV = P^T dO,  dP = dO V^T,  delta_i = sum_d dO_id O_id,  d
 dQ = c dS K,  dK = c dS^T Q.  Rows with no valid key have P = 0, so their dQ is 0 and they add nothing to dK, dV.
 
 Kernels
-- ``_attn_fwd_kernel``: grid (cdiv(S_q, BLOCK_M), B * H). One program keeps a block of queries in registers and
-  walks the key blocks (only those at or before the diagonal when causal) with the online softmax (m_i, l_i, acc).
-  Writes O (B, S_q, H, D) and lse (B, H, S_q) fp32. Inputs may have any strides (views of a packed QKV projection).
-- ``_attn_bwd_kernel``: grid (B * H,). One program owns a whole (batch, head): a prologue computes delta for every
-  query, then the outer loop walks key blocks holding dK_j, dV_j in registers while the inner loop walks query
-  blocks, recomputing P from lse. dQ is accumulated in an fp32 (B, S_q, H, D) buffer that only this program touches,
-  so there are no atomics and the result is deterministic. 5 GEMMs per tile (the minimum; FA2's split dK/dV + dQ
-  passes need 7). At CLIP's training batch sizes B * H is in the thousands, plenty of programs for every SM.
-  For long sequences with small B * H (not CLIP's case) the FA2 layout (a program per key block, a separate dQ
-  pass) would parallelize better; see ``_bwd_config``.
+- ``_attn_fwd_kernel``: grid (B * H, cdiv(S_q, BLOCK_M)): B * H on axis 0, which takes up to 2^31 - 1 programs
+  (axes 1 and 2 stop at 65,535, which large-batch evaluation exceeds). One program keeps a block of queries in
+  registers and walks the key blocks (only those at or before the diagonal when causal) with the online softmax
+  (m_i, l_i, acc). Writes O (B, S_q, H, D) and lse (B, H, S_q) fp32. Inputs may have any strides (views of a packed
+  QKV projection; k and v need not share a layout).
+- ``_attn_bwd_kernel``: grid (B * H,). One program owns a whole (batch, head): a prologue computes delta in fp32 for
+  every query, then the outer loop walks key blocks holding dK_j, dV_j in registers while the inner loop walks query
+  blocks, recomputing P from lse. Tiles are key-major, (BLOCK_N, BLOCK_M): P^T and dS^T are formed where the dV and
+  dK products take them as their register operand, and with BLOCK_M = BLOCK_N = 64 every product lowers to
+  warp-group MMA on sm_90. dQ goes to an fp32 (B, S_q, H, D) buffer, zeroed, by fire-and-forget atomic adds (no load
+  in the loop). The backward stays deterministic: only this program touches those rows, and an element is always
+  added by the same thread in program order (the tile layout is fixed, query blocks start at multiples of BLOCK_M),
+  so the order of every sum is fixed. 5 GEMMs per tile (the minimum; FA2's split dK/dV + dQ passes need 7). At
+  CLIP's training batch sizes B * H is in the thousands, plenty of programs for every SM; for long sequences with
+  small B * H (not CLIP's case) the FA2 layout (a program per key block, a separate dQ pass) would parallelize
+  better.
+
+Head dims are padded to 16, 32, 48, 64, 80, 96 or 128 and covered by one or two power-of-two column pieces
+(``_head_pieces``: 72 and 80 -> 64 + 16, 88 and 96 -> 64 + 32, 128 -> 64 + 64), so a product over the head dim is
+one or two chained dots, and D = 80 costs 80 columns, not 128. The head dim is a constexpr (one compile per head
+dim; the column masks are known to the compiler).
 
 Memory beyond inputs and outputs: lse (B, H, S_q) fp32 saved for the backward; the backward adds delta (B, H, S_q)
 fp32 and, for 16-bit inputs, the (B, S_q, H, D) fp32 dQ accumulator. Accumulation is fp32 whatever the input
-dtype; exponentials are exp2 with log2(e) folded into the softmax scale.
+dtype; exponentials are exp2 with log2(e) folded into the softmax scale. delta is formed from O as stored (in the
+input dtype), as in flash-attn: where attention is nearly one-hot (P_ii -> 1) and dO is parallel to O, dS_ii is a
+near-cancellation and dQ, dK inherit O's rounding (about 0.2% of their norm in fp16 at a diagonal score of 8, 10% at
+12; same-dtype PyTorch: 0.8% and 18%).
 
 Base offsets of a (batch, head) are int64; offsets within one are int32 (the launchers check they fit), which keeps
-the 2-D pointer tiles from costing twice the registers.
+the 2-D pointer tiles from costing twice the registers. ``ALIGN`` tells the compiler that every base and
+batch/seq/head stride is a multiple of 16 bytes when the launcher has checked it (the JIT alone only recognizes
+multiples of 16 elements): with head dims 72 or 88 the loads are then vectorized and pipelined.
 
-Block sizes are heuristics (``_fwd_config``, ``_bwd_config``) for head dims up to 128 (padded to a power of two
-and masked), checked to compile for sm_90 without register spills (ptxas -v) but not yet timed on a GPU: they are
-the first thing to tune there (``fastclip bench attention``). Under the interpreter, small blocks exercise
-several blocks and every masked edge.
+Block sizes: ``GPU_TILES``, one table for both kernels, by kernel, input precision and padded head dim; every row
+compiles for sm_90 without register spills (benchmarks/NOTES.md lists the compiled facts), none is timed on a GPU
+yet: they are the first thing to tune there (``fastclip bench attention``). Under the interpreter, small blocks
+exercise several blocks and every masked edge.
 """
 from __future__ import annotations
 
@@ -288,15 +304,20 @@ def _attn_bwd_kernel(
             _store_rows(DV, dv1, offs_n, mask_n, stride_dvs, D, BLOCK_D0, BLOCK_D1)
 
     if not DQ_IS_ACC:
-        # -- epilogue: the fp32 accumulator to dQ's dtype (rows added by other threads of this program)
+        # -- epilogue: the fp32 accumulator to dQ's dtype. The rows were added by other threads of this program, at
+        # L2 (atomics): read them past L1 (.cg), which may hold a line another program loaded before.
         tl.debug_barrier()
         for start_m in range(0, S_Q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < S_Q
-            dq = _load_rows(DQ_ACC, offs_m, mask_m, stride_as, 1, D, 0, BLOCK_D0)
+            offs_d0 = tl.arange(0, BLOCK_D0)
+            dq = tl.load(DQ_ACC + offs_m[:, None] * stride_as + offs_d0[None, :],
+                         mask=mask_m[:, None] & (offs_d0 < D)[None, :], other=0.0, cache_modifier=".cg")
             _store_rows(DQ, dq, offs_m, mask_m, stride_dqs, D, 0, BLOCK_D0)
             if BLOCK_D1 > 0:
-                dq = _load_rows(DQ_ACC, offs_m, mask_m, stride_as, 1, D, BLOCK_D0, BLOCK_D1)
+                offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+                dq = tl.load(DQ_ACC + offs_m[:, None] * stride_as + offs_d1[None, :],
+                             mask=mask_m[:, None] & (offs_d1 < D)[None, :], other=0.0, cache_modifier=".cg")
                 _store_rows(DQ, dq, offs_m, mask_m, stride_dqs, D, BLOCK_D0, BLOCK_D1)
 
 
