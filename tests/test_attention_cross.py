@@ -47,8 +47,8 @@ CROSS = [  # (b, s_q, s_k, h, d, causal, pad)
     (2, 45, 20, 2, 32, True, True),     # more queries: queries past S_k see every key
     (1, 1, 33, 2, 16, False, True),     # one query (decoding-like)
     (2, 33, 1, 1, 16, True, False),     # one key
-    (2, 77, 50, 2, 24, False, True),    # text queries over image keys
-    (1, 50, 77, 3, 40, True, False),
+    (1, 77, 50, 1, 24, False, True),    # text queries over image keys
+    (1, 50, 77, 2, 40, True, False),
 ]
 
 
@@ -79,9 +79,10 @@ def test_causal_is_top_left(backend, s_q, s_k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("d", [8, 40, 72, 80, 88, 96, 112, 128])
+@pytest.mark.parametrize("d", [8, 40, 72, 88, 112, 128])
 def test_head_dims(backend, d):
-    """Every head dim up to 128 (the kernels pad D to their tile and mask the rest)."""
+    """Head dims up to 128: one column piece (8), two (40 = 32 + 16, 72 = 64 + 16, 88 = 64 + 32, 128 = 64 + 64),
+    and a second piece mostly masked (112 in 64 + 64)."""
     leaves = cross_qkv(1, 19, 33, 2, d, torch.float32)
     check_against_reference(leaves, True, padding(1, 33), backend, atol_fwd=1e-5, atol_bwd=1e-5)
 
