@@ -136,3 +136,18 @@ def test_grid_puts_batch_heads_on_axis_0(monkeypatch):
     assert len(grids) == 2
     for grid in grids:
         assert grid[0] == b * h and all(g <= 65535 for g in grid[1:]), grid
+
+
+def test_head_pieces_and_alignment():
+    """Head dims pad to the next multiple of 16 or 32 (not to 128); the 16-byte alignment hint only when true."""
+    from fastclip.ops.attention.triton import _align, _head_pieces
+
+    padded = {d: sum(_head_pieces(d)) for d in (8, 16, 24, 40, 48, 59, 64, 72, 80, 88, 96, 104, 128)}
+    assert padded == {8: 16, 16: 16, 24: 32, 40: 48, 48: 48, 59: 64, 64: 64, 72: 80, 80: 80, 88: 96, 96: 96,
+                      104: 128, 128: 128}
+    packed = torch.empty(2, 7, 3, 4, 88, dtype=torch.float16)  # heads 176 bytes apart: 16-byte aligned
+    assert _align(*packed.unbind(2)) == 8
+    assert _align(packed[..., 1:, :].unbind(2)[0]) == 8  # heads offset by whole heads stay aligned
+    assert _align(packed[..., :87].unbind(2)[0], packed[..., 1:].unbind(2)[0]) == 1  # one view starts mid-row
+    assert _align(torch.empty(2, 7, 4, 59, dtype=torch.float16)) == 1  # rows 118 bytes apart
+    assert _align(torch.empty(2, 7, 4, 72)) == 4  # fp32: 4 elements per 16 bytes
