@@ -47,8 +47,8 @@ CROSS = [  # (b, s_q, s_k, h, d, causal, pad)
     (2, 45, 20, 2, 32, True, True),     # more queries: queries past S_k see every key
     (1, 1, 33, 2, 16, False, True),     # one query (decoding-like)
     (2, 33, 1, 1, 16, True, False),     # one key
-    (1, 77, 50, 1, 24, False, True),    # text queries over image keys
-    (1, 50, 77, 2, 40, True, False),
+    pytest.param(1, 77, 50, 1, 24, False, True, marks=pytest.mark.slow),  # text queries over image keys
+    pytest.param(1, 50, 77, 2, 40, True, False, marks=pytest.mark.slow),
 ]
 
 
