@@ -194,7 +194,7 @@ def every_config() -> set:
 def all_cases():
     """One launch per distinct config over CLIP-like inputs, then the flag variants at typical shapes."""
     cases, seen = [], set()
-    for fn, kw in _candidates((16, 32, 64, 128, 256, 512, 768, 1024, 2048), (16, 32, 64, 80, 128), (77, 577),
+    for fn, kw in _candidates((16, 32, 64, 128, 256, 512, 768, 1024, 2048), (16, 32, 48, 64, 80, 96, 128), (77, 577),
                               ("bf16", "fp32")):
         new = case_configs(fn, kw) - seen
         if new:
