@@ -7,9 +7,14 @@ matrix never exists. The maths is that of the Triton kernels (see ``fastclip/ops
     r_i = logsumexp_j S_ij,  c_j = logsumexp_i S_ij      (row and column log-sum-exp, each kept as a max m
                                                           and a log-sum ls; backward forms (S - m) - ls,
                                                           exact to rounding where m + ls would round at |S|)
-    loss = sum_i (r_i + c_i) / (2N) - (1 - eps) * mean_i S_ii - eps * mean_ij S_ij
+    loss = (1 - eps) mean_i (-log P_ii - log Q_ii) / 2 + eps (sum_i (r_i + c_i) / (2N) - mean_ij S_ij)
     dL/dS_ij = g / (2N) * (P_ij + Q_ij - 2 (1 - eps) [i == j] - 2 eps / N),
         P_ij = exp(S_ij - r_i), Q_ij = exp(S_ij - c_j)
+
+Confident rows (P_ii -> 1, late in training at scale 100) are where naive fp32 maths fails: lse_i - S_ii and
+P_ii - 1 are differences of nearly equal numbers. So the log-sum is log1p of the "rest" (the sum of exp(S - m)
+minus the max's own 1, never formed as 1 + rest), -log P_ii = (m_i - S_ii) + ls_i (exactly ls_i where the diagonal
+is the max), and the backward forms P_ii - 1 = expm1(S_ii - r_i) in the tile, before any GEMM or rounding.
 
 Forward makes one pass (row lse per chunk, column lse merged online); backward one pass that recomputes each
 chunk and forms dA and dB (3 GEMMs per chunk). Accumulation is in fp32 (fp64 for fp64 inputs).
@@ -51,17 +56,20 @@ def _prepare(image, text, scale, bias, chunk_size):
     return n, dt, image.to(dt), text.to(dt), s_val, b_val, default_chunk(n, chunk_size)
 
 
-def merge_stats(m1: torch.Tensor, r1: torch.Tensor, m2: torch.Tensor, r2: torch.Tensor):
-    """Merge two log-sum-exp partials, each (max m, rest r): sum_k exp(x_k - m) = 1 + r over its part.
+def merge_partials(m: torch.Tensor, rest: torch.Tensor, exp=torch.exp):
+    """Merge G log-sum-exp partials along dim 0, each (max m, rest r) with sum_k exp(x_k - m) = 1 + r over its part.
 
     Keeping r = (sum - 1) rather than the sum keeps a confident row exact: when one logit dominates, r ~ 1 - p is
-    tiny and 1 + r would round it away in fp32. The merge never forms 1 + r of the larger part. An empty part is
-    (-inf, -1).
+    tiny and 1 + r would round it away. The merge never forms 1 + r of the part holding the max (the first such
+    part, so the result does not depend on anything but the inputs). An empty part is (-inf, -1). ``exp``: the
+    base's exponential (``torch.exp2`` for base-2 partials). Returns (max, rest), each shape m.shape[1:].
     """
-    first = m1 >= m2
-    m = torch.maximum(m1, m2)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    return m, torch.where(first, r1 + (1 + r2) * torch.exp(m2 - m_safe), r2 + (1 + r1) * torch.exp(m1 - m_safe))
+    top = m.argmax(dim=0, keepdim=True)
+    m_max = m.gather(0, top)
+    m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
+    first = torch.arange(m.shape[0], device=m.device).view(-1, *([1] * (m.dim() - 1))) == top
+    terms = torch.where(first, rest, (1 + rest) * exp(m - m_safe))
+    return m_max.squeeze(0), terms.sum(dim=0)
 
 
 def rest_stats(s: torch.Tensor, dim: int):
@@ -91,7 +99,8 @@ def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
         m, rest = rest_stats(s, dim=1)
         row_stats[0, i0:i0 + chunk] = m
         row_stats[1, i0:i0 + chunk] = torch.log1p(rest)
-        col_max, col_rest = merge_stats(col_max, col_rest, *rest_stats(s, dim=0))
+        m_c, rest_c = rest_stats(s, dim=0)
+        col_max, col_rest = merge_partials(torch.stack([col_max, m_c]), torch.stack([col_rest, rest_c]))
         del s
     col_stats = torch.stack([col_max, torch.log1p(col_rest)])
     # -log p_ii and -log q_ii: (m - S_ii) is exactly 0 where the diagonal is the max
