@@ -12,7 +12,9 @@ Numerics where the model is confident (P_ii -> 1 at scale 100, late in training)
 differences of nearly equal numbers, which fp32 (let alone fp16/bf16) rounds away. So
 - each log-sum-exp is kept as (max m, log-sum ls) with ls = log1p(rest), rest = sum_j exp(S_ij - m) - 1 counting
   the max as exactly 1 (never formed as 1 + rest, which would round a confident row's rest to nothing);
-- -log P_ii = (m_i - S_ii) + ls_i, with S_ii the forward's own tile value: exactly ls_i where the diagonal is the max;
+- S_ii has one definition, <A_i, B_i> by one torch op that forward and backward both call, substituted into the
+  tiles (a recomputed GEMM may round differently on another tile shape: 1e-5 at |S| = 100 would swamp 1 - P_ii);
+- -log P_ii = (m_i - S_ii) + ls_i: exactly ls_i where the diagonal is the max;
 - the backward forms each tile of dL/dS whole in fp32, targets included, before rounding it for the second GEMM:
   P_ii - 1 = expm1(S_ii - r_i) on the diagonal (Kahan's expm1), -2 eps / N everywhere.
 Statistics are saved in base 2 (the kernels use exp2 with log2(e) folded into the scale): (2, N) = (m, ls).
@@ -75,7 +77,7 @@ def _expm1_2(t):
     """2^t - 1, exact to rounding for small |t| (Kahan: (u - 1) t / log2(u) with u = 2^t, the errors cancel)."""
     u = tl.exp2(t)
     one = u == 1.0
-    kahan = (u - 1.0) * t / tl.log2(tl.where(one, 2.0, u))
+    kahan = (u - 1.0) * t / tl.log2(tl.where(one | (t <= -1.0), 2.0, u))
     return tl.where(one, t * LN2, tl.where(t > -1.0, kahan, u - 1.0))
 
 
@@ -100,11 +102,20 @@ def _merge(m1, r1, m2, r2):
 
 
 @triton.jit
+def _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2):
+    """The tile with its diagonal replaced by S_ii from DIAG: forward and backward then see the very same S_ii
+    (a recomputed GEMM may round differently), so P_ii - 1 = expm1(S_ii - r_i) is exact where the diagonal is the
+    row's max, whatever the tile shapes."""
+    s_ii = tl.load(DIAG + offs_m, mask=mask_m, other=0.0) * scale2 + bias2
+    return tl.where(offs_m[:, None] == offs_n[None, :], s_ii[:, None], s)
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     A, B, SCALE, BIAS,                     # features (N, D); 0-d scale and bias
     ROW_PART,                              # (2, G_c, N) fp32 out: (max, rest) of row i over column range c
     COL_PART,                              # (2, G_r, N) fp32 in/out (filled with (-inf, -1)): column j, row range r
-    DIAG,                                  # (N,) fp32 out: S_ii (base 2), as the tiles formed it
+    DIAG,                                  # (N,) fp32: <A_i, B_i> (``_diag_dots``), S_ii's one definition
     N, D, rb_per, cb_per, G_R, G_C,        # row / column blocks per program; grid (G_R, G_C)
     stride_am, stride_ak, stride_bn, stride_bk,
     HAS_BIAS: tl.constexpr,
@@ -137,10 +148,7 @@ def _contrastive_fwd_kernel(
                              stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
             s = tl.where(mask_m[:, None] & mask_n[None, :], s * scale2 + bias2, float("-inf"))
             if (cb * BLOCK_N < row0 + BLOCK_M) & (cb * BLOCK_N + BLOCK_N > row0):
-                # the diagonal, from the tile itself: the very values the statistics saw
-                on = offs_m[:, None] == offs_n[None, :]
-                tl.store(DIAG + offs_m, tl.sum(tl.where(on, s, 0.0), axis=1),
-                         mask=mask_m & (offs_m >= cb * BLOCK_N) & (offs_m < cb * BLOCK_N + BLOCK_N))
+                s = _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2)
             m_t, r_t = _rest_stats(s, 1)
             m_i, r_i = _merge(m_i, r_i, m_t, r_t)
             # this program's own column partial: read, merge, write (no other program touches it)
@@ -159,6 +167,7 @@ def _contrastive_fwd_kernel(
 def _contrastive_bwd_kernel(
     A, B, SCALE, BIAS, GRAD,               # features (N, D); 0-d scale, bias, upstream gradient
     STATS_A, STATS_B,                      # (2, N) fp32 (max, log2-sum), base 2: of A's rows of S and of B's
+    DIAG,                                  # (N,) fp32: <A_i, B_i>, as the forward used it
     DA, DSCALE_PART,                       # (N, D) out in A's dtype; (cdiv(N, BLOCK_M), cdiv(D, BLOCK_D)) fp32 out
     N, D, label_smoothing,
     stride_am, stride_ak, stride_bn, stride_bk, stride_dam, stride_dak,
@@ -201,12 +210,15 @@ def _contrastive_bwd_kernel(
             s = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
                              BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         s = s * scale2 + bias2
+        on_diagonal = (jb * BLOCK_N < row0 + BLOCK_M) & (jb * BLOCK_N + BLOCK_N > row0)
+        if on_diagonal:
+            s = _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2)
         m_b = tl.load(STATS_B + offs_n, mask=mask_n, other=0.0)
         ls_b = tl.load(STATS_B + N + offs_n, mask=mask_n, other=0.0)
         t_a = (s - m_a[:, None]) - ls_a[:, None]  # log2 P
         t_b = (s - m_b[None, :]) - ls_b[None, :]  # log2 Q
         g = tl.exp2(t_a) + tl.exp2(t_b)
-        if (jb * BLOCK_N < row0 + BLOCK_M) & (jb * BLOCK_N + BLOCK_N > row0):
+        if on_diagonal:
             # the targets: (P_ii - 1) + (Q_ii - 1) + 2 eps, in fp32 before any rounding
             g = tl.where(offs_m[:, None] == offs_n[None, :],
                          _expm1_2(t_a) + _expm1_2(t_b) + 2.0 * label_smoothing, g)
@@ -329,15 +341,17 @@ def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     col_part = torch.empty(2, g_r, n, dtype=torch.float32, device=dev)
     col_part[0].fill_(float("-inf"))
     col_part[1].fill_(-1.0)
-    diag = torch.empty(n, dtype=torch.float32, device=dev)
+    dots = _diag_dots(image, text)
     scale_t = _scalar(scale, image)
     bias_t = _scalar(bias, image)
     _contrastive_fwd_kernel[(g_r, g_c)](
-        image, text, scale_t, bias_t, row_part, col_part, diag, n, d, rb_per, cb_per, g_r, g_c,
+        image, text, scale_t, bias_t, row_part, col_part, dots, n, d, rb_per, cb_per, g_r, g_c,
         image.stride(0), image.stride(1), text.stride(0), text.stride(1),
         HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(image.dtype), **cfg)
     row_stats = _stats(*merge_partials(row_part[0], row_part[1], exp=torch.exp2))
     col_stats = _stats(*merge_partials(col_part[0], col_part[1], exp=torch.exp2))
+    # S_ii in base 2, by the kernels' formula
+    diag = dots * (scale_t.float() * LOG2E.value) + (bias_t.float() * LOG2E.value if bias is not None else 0.0)
     # -log P_ii and -log Q_ii (base 2): (m - S_ii) is exactly 0 where the diagonal is the max
     nll = (row_stats[0] - diag) + row_stats[1] + (col_stats[0] - diag) + col_stats[1]  # (N,)
     loss = (1.0 - label_smoothing) * LN2.value / 2 * nll.mean()
@@ -350,19 +364,25 @@ def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     return loss, row_stats, col_stats
 
 
+def _diag_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """<A_i, B_i> in fp32, (N,): one torch computation that forward and backward both call (bitwise the same)."""
+    return torch.cat([torch.linalg.vecdot(a[i:i + rows].float(), b[i:i + rows].float())
+                      for i in range(0, a.shape[0], rows)])
+
+
 def _stats(m: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     # (max, rest) -> (max, log2(1 + rest)), (2, N); log1p keeps a confident row's tiny rest
     return torch.stack([m, torch.log1p(rest) * LOG2E.value])
 
 
-def _bwd_one_side(grad, a, b, scale_t, bias_t, has_bias, stats_a, stats_b, label_smoothing, compute_dscale):
+def _bwd_one_side(grad, a, b, dots, scale_t, bias_t, has_bias, stats_a, stats_b, label_smoothing, compute_dscale):
     n, d = a.shape
     cfg = bwd_config(n, d, a.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
     da = torch.empty_like(a, memory_format=torch.contiguous_format)
     part = torch.empty(grid if compute_dscale else 1, dtype=torch.float32, device=a.device)
     _contrastive_bwd_kernel[grid](
-        a, b, scale_t, bias_t, grad, stats_a, stats_b, da, part,
+        a, b, scale_t, bias_t, grad, stats_a, stats_b, dots, da, part,
         n, d, float(label_smoothing),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), da.stride(0), da.stride(1),
         HAS_BIAS=has_bias, HAS_SMOOTHING=bool(label_smoothing), COMPUTE_DSCALE=compute_dscale,
@@ -378,8 +398,9 @@ def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
     scale_t = _scalar(scale, image)
     bias_t = _scalar(bias, image)
     grad_t = grad.reshape(()).to(torch.float32)
-    d_image, d_scale = _bwd_one_side(grad_t, image, text, scale_t, bias_t, bias is not None, row_stats, col_stats,
+    dots = _diag_dots(image, text)
+    d_image, d_scale = _bwd_one_side(grad_t, image, text, dots, scale_t, bias_t, bias is not None, row_stats, col_stats,
                                      label_smoothing, compute_dscale=True)
-    d_text, _ = _bwd_one_side(grad_t, text, image, scale_t, bias_t, bias is not None, col_stats, row_stats,
+    d_text, _ = _bwd_one_side(grad_t, text, image, dots, scale_t, bias_t, bias is not None, col_stats, row_stats,
                               label_smoothing, compute_dscale=False)
     return d_image, d_text, d_scale.reshape(scale.shape).to(scale.dtype)
