@@ -10,10 +10,11 @@ An entry: {"op": "contrastive_bwd", "arch": "sm_90", "dtype": "bfloat16", "d": 5
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -52,8 +53,23 @@ def _arch(device_index: int) -> str:
     return f"sm_{major}{minor}"
 
 
+_FORCED: Dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def forced(op: str, config: dict) -> Iterator[None]:
+    """Launches of ``op`` use ``config`` inside the block (the tuner's trials; not for training code)."""
+    _FORCED[op] = dict(config)
+    try:
+        yield
+    finally:
+        del _FORCED[op]
+
+
 def tuned_config(op: str, n: int, d: int, dtype: torch.dtype) -> Optional[dict]:
     """The measured config for this launch on the current CUDA device, or None (use the static table)."""
+    if op in _FORCED:
+        return dict(_FORCED[op])
     if not torch.cuda.is_available():
         return None
     cfg = _table().get(entry_key(op, _arch(torch.cuda.current_device()), dtype, d, n))
