@@ -24,7 +24,8 @@ Kernels
   for each, the column blocks c*C ... (c+1)*C - 1 (one GEMM pass in all). It keeps the row statistics of its column
   range in registers and merges each tile's column statistics into its own slot of a (2, G_r, N) buffer; no
   location is written by two programs, so there are no locks and no atomics, and every merge happens in a fixed
-  order: loss and statistics are bitwise identical run to run. A few O(N) torch ops merge the G_c row partials and
+  order: loss and statistics are bitwise identical run to run. The (column block, K step) loop is one flat loop,
+  so the loads stay pipelined across column blocks. A few O(N) torch ops merge the G_c row partials and
   the G_r column partials (in a fixed order too). Memory: 2 (G_r + G_c) N + N fp32 (G = 16: 65 N floats, 17 MB at
   N = 65,536).
 - ``_contrastive_bwd_kernel``: program (i, k) owns BLOCK_M rows of A and the k-th BLOCK_D slice of D and sweeps
@@ -141,23 +142,36 @@ def _contrastive_fwd_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         r_i = tl.full((BLOCK_M,), -1.0, dtype=tl.float32)
         tl.debug_barrier()  # the previous row block's column partials are visible to every thread
-        for cb in tl.range(cb0, cb1, flatten=True):
+        # one flat loop over (column block, K step): the loads stay pipelined across column blocks (a nested K
+        # loop would drain the pipeline at the end of every column block)
+        n_k = tl.cdiv(D, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for it in tl.range(0, (cb1 - cb0) * n_k):
+            cb = cb0 + it // n_k
             offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            s = _logits_tile(A, B, rows, offs_n.to(tl.int64), mask_m, mask_n, D, stride_am, stride_ak, stride_bn,
-                             stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-            s = tl.where(mask_m[:, None] & mask_n[None, :], s * scale2 + bias2, float("-inf"))
-            if (cb * BLOCK_N < row0 + BLOCK_M) & (cb * BLOCK_N + BLOCK_N > row0):
-                s = _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2)
-            m_t, r_t = _rest_stats(s, 1)
-            m_i, r_i = _merge(m_i, r_i, m_t, r_t)
-            # this program's own column partial: read, merge, write (no other program touches it)
-            col = COL_PART + pid_r * N + offs_n
-            m_c, r_c = _rest_stats(s, 0)
-            m_c, r_c = _merge(tl.load(col, mask=mask_n, other=float("-inf")),
-                              tl.load(col + G_R * N, mask=mask_n, other=-1.0), m_c, r_c)
-            tl.store(col, m_c, mask=mask_n)
-            tl.store(col + G_R * N, r_c, mask=mask_n)
+            offs_k = (it % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < D
+            a = tl.load(A + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+            b = tl.load(B + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk,
+                        mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_N)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if it % n_k == n_k - 1:
+                # the tile of logits is complete: its statistics
+                s = tl.where(mask_m[:, None] & mask_n[None, :], acc * scale2 + bias2, float("-inf"))
+                if (cb * BLOCK_N < row0 + BLOCK_M) & (cb * BLOCK_N + BLOCK_N > row0):
+                    s = _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2)
+                m_t, r_t = _rest_stats(s, 1)
+                m_i, r_i = _merge(m_i, r_i, m_t, r_t)
+                # this program's own column partial: read, merge, write (no other program touches it)
+                col = COL_PART + pid_r * N + offs_n
+                m_c, r_c = _rest_stats(s, 0)
+                m_c, r_c = _merge(tl.load(col, mask=mask_n, other=float("-inf")),
+                                  tl.load(col + G_R * N, mask=mask_n, other=-1.0), m_c, r_c)
+                tl.store(col, m_c, mask=mask_n)
+                tl.store(col + G_R * N, r_c, mask=mask_n)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         row = ROW_PART + pid_c * N + offs_m
         tl.store(row, m_i, mask=mask_m)
         tl.store(row + G_C * N, r_i, mask=mask_m)
