@@ -5,8 +5,10 @@ naming the argument and its shape, dtype and device.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,7 +56,7 @@ def as_scalar(x: Union[Tensor, float, None], name: str, like: Tensor, *, require
         if required:
             raise ValueError(f"{name} is required")
         return None
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
+    if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):  # Python and NumPy numbers
         return torch.tensor(float(x), dtype=torch.float32, device=like.device)
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a tensor or a number, got {type(x).__name__}")
@@ -80,3 +82,30 @@ def check_chunk_size(chunk_size) -> None:
     """``chunk_size`` (rows per chunk of the torch backends) is None or a positive integer."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autocast at the boundary.
+#
+# Under torch.autocast, open_clip's `logit_scale * image @ text.T` and attention's SDPA run their GEMMs in the
+# autocast dtype whatever the inputs' dtype (F.normalize returns fp32 under autocast, so AMP training hands the
+# loss fp32 features). fastclip's ops do the same: the public function casts its floating inputs to the autocast
+# dtype (a differentiable cast: fp32 leaves get fp32 gradients) and the backends run with autocast off, so every
+# GEMM inside a backend sees one dtype. fp64 is never cast (autocast leaves fp64 alone too).
+
+_AMP_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast runs GEMMs in on ``device``'s type, or None when autocast is off there."""
+    dev = torch.device(device).type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def amp_cast(t: Optional[Tensor], amp: Optional[torch.dtype]) -> Optional[Tensor]:
+    """``t`` in the autocast dtype ``amp`` (None: unchanged), as autocast casts a GEMM's inputs."""
+    if t is None or amp is None or t.dtype not in _AMP_ELIGIBLE or t.dtype == amp:
+        return t
+    return t.to(amp)

@@ -171,21 +171,22 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Suppor
     table = supports(op)
     if backend is None:
         backend = "auto"
+    source, via = f"backend={backend!r}", ""
     if backend == "auto":
         env = os.environ.get("FASTCLIP_BACKEND", "").strip()
         if env and env != "auto":
-            backend = env
+            backend, source, via = env, f"FASTCLIP_BACKEND={env!r} (environment variable)", " (FASTCLIP_BACKEND)"
     if backend != "auto":
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
+            raise ValueError(f"{source} is not one of {('auto',) + BACKENDS}")
         if backend not in table:
             why = _BACKEND_UNAVAILABLE.get(backend, lambda: None)()
-            raise BackendError(f"{op}: backend {backend!r} has no implementation of this op in this version "
+            raise BackendError(f"{op}: backend {backend!r}{via} has no implementation of this op in this version "
                                f"(implemented by: {', '.join(table)})" + (f"; besides, {why}" if why else ""))
         row = table[backend]
         reasons = row.not_supported_reasons(device, dtype, dim)
         if reasons:
-            raise BackendError(f"{op}: backend {backend!r} cannot run these inputs "
+            raise BackendError(f"{op}: backend {backend!r}{via} cannot run these inputs "
                                f"(device={device}, dtype={dtype}, {row.dim_name}={dim}): " + "; ".join(reasons))
         return row
     refusals = []

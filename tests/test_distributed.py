@@ -24,8 +24,9 @@ RING_CHECKS = ["clip_ring_gwg1", "clip_ring_gwg0_bias", "clip_ring_reference", "
 SIGLIP_CHECKS = [f"siglip_{m}" for m in ("bidir", "shift", "reduce", "gather", "ring")] + [
     "siglip_ring_nobias", "siglip_ring_triton_fp32", "siglip_ring_reference", "siglip_ring_mean_equals_global",
     "siglip_ring_no_grad", "siglip_bidir_triton_fp16"]
+AUTOCAST_CHECKS = [f"autocast_bf16_{m}" for m in ("clip_gather", "clip_ring", "siglip_bidir", "siglip_ring")]
 ERROR_CHECKS = ["shape_mismatch_every_rank_raises", "bad_input_on_one_rank", "group_subset"]
-CHECKS = CLIP_CHECKS + RING_CHECKS + SIGLIP_CHECKS + ERROR_CHECKS
+CHECKS = CLIP_CHECKS + RING_CHECKS + SIGLIP_CHECKS + AUTOCAST_CHECKS + ERROR_CHECKS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,6 +189,28 @@ def _worker(rank, world, store, out_dir):
         glob = _global_inputs(world, bias=-1.5, scale=7.0)
         mean_equals_global(fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"),
                            siglip_loss_ref, glob)
+
+    # ---- under CPU autocast (bf16) with fp32 features, as AMP training hands them over: open_clip's dtype for the
+    # loss, fp32 gradients, values as open_clip's within its own bf16-logit rounding
+    for mode, ours_fn, ref_fn in [
+            ("clip_gather", lambda: fastclip.ContrastiveLoss(rank=rank, world_size=world),
+             lambda: ClipLoss(rank=rank, world_size=world)),
+            ("clip_ring", lambda: fastclip.ContrastiveLoss(gather_with_grad=True, rank=rank, world_size=world,
+                                                           dist_impl="ring"),
+             lambda: ClipLoss(gather_with_grad=True, rank=rank, world_size=world)),
+            ("siglip_bidir", lambda: fastclip.SigLIPLoss(rank=rank, world_size=world),
+             lambda: SigLipLoss(rank=rank, world_size=world)),
+            ("siglip_ring", lambda: fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring"),
+             lambda: SigLipLoss(rank=rank, world_size=world))]:
+        @check(f"autocast_bf16_{mode}")
+        def _(ours_fn=ours_fn, ref_fn=ref_fn, mode=mode):
+            glob = _global_inputs(world, torch.float32, bias=-2.0 if "siglip" in mode else None, scale=10.0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours = _run(ours_fn(), _local_leaves(glob, rank))
+                ref = _run(ref_fn(), _local_leaves(glob, rank))
+            assert ours[0].dtype == ref[0].dtype == torch.float32, (ours[0].dtype, ref[0].dtype)
+            assert all(g.dtype == torch.float32 for g in ours[1]), [g.dtype for g in ours[1]]
+            _compare_runs(ours, ref, rtol=3e-2, atol=3e-3)
 
     @check("siglip_ring_no_grad")
     def _():

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastclip._checks import _fmt, check_float_tensor
+from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor
 from fastclip.dispatch import Lazy, Support, cuda_ext_unavailable, cuda_kernel_reasons, no_bf16_in_interpreter, \
     register, select, supports, triton_unavailable
 from fastclip.ops.attention import reference
@@ -94,7 +94,8 @@ def _impl(backend: str, which: int):
 @torch.library.custom_op("fastclip::flash_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
                       softmax_scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    out, lse = _impl(backend, 0)(q, k, v, key_padding_mask, causal, softmax_scale)
+    with torch.autocast(q.device.type, enabled=False):  # the inputs are already in the dtype to compute in
+        out, lse = _impl(backend, 0)(q, k, v, key_padding_mask, causal, softmax_scale)
     return out, lse
 
 
@@ -108,7 +109,8 @@ def _(q, k, v, key_padding_mask, causal, softmax_scale, backend):
 def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float,
                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _impl(backend, 1)(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale)
+    with torch.autocast(q.device.type, enabled=False):
+        dq, dk, dv = _impl(backend, 1)(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale)
     return dq, dk, dv
 
 
@@ -152,7 +154,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             backend that cannot run these inputs raises ``BackendError`` saying why.
 
     Returns:
-        (B, S_q, H, D) in q's dtype. A query that sees no key (all its keys padded) gets zeros and zero gradients.
+        (B, S_q, H, D) in q's dtype; under ``torch.autocast`` q, k, v are cast to the autocast dtype and the result
+        is in that dtype, as SDPA's. A query that sees no key (all its keys padded) gets zeros and zero gradients.
 
     Maths: for each (b, h), S = softmax_scale * Q K^T (S_q, S_k) with masked entries at -inf, P = softmax(S) by rows,
     O = P V. Accumulation is fp32 (fp64 for fp64). Memory: "triton" never forms S; it keeps the (B, H, S_q) fp32
@@ -170,8 +173,12 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     check_attention_inputs(q, k, v, key_padding_mask)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
     causal = bool(causal)
+    # under autocast, attention runs in the autocast dtype and returns it, as SDPA does there
+    amp = autocast_dtype(q.device)
+    q, k, v = amp_cast(q, amp), amp_cast(k, amp), amp_cast(v, amp)
     row = select(OP, backend, device=q.device, dtype=q.dtype, dim=q.shape[-1])
     if row.backend in ("reference", "torch"):  # plain PyTorch: autograd differentiates it
-        return row.impl(q, k, v, causal, key_padding_mask, scale)
+        with torch.autocast(q.device.type, enabled=False):
+            return row.impl(q, k, v, causal, key_padding_mask, scale)
     out, _ = torch.ops.fastclip.flash_attention_fwd(q, k, v, key_padding_mask, causal, scale, row.backend)
     return out

@@ -17,7 +17,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastclip._checks import as_scalar, check_chunk_size, check_feature_pair, check_label_smoothing
+from fastclip._checks import amp_cast, as_scalar, autocast_dtype, check_chunk_size, check_feature_pair, \
+    check_label_smoothing
 from fastclip.dispatch import Lazy, Support, cuda_ext_unavailable, cuda_kernel_reasons, no_bf16_in_interpreter, \
     register, select, supports, triton_unavailable
 from fastclip.ops.contrastive import reference
@@ -52,8 +53,9 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastclip::contrastive_loss_fwd", mutates_args=())
 def _contrastive_fwd_op(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor], label_smoothing: float,
                         backend: str, chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
-    loss, row_stats, col_stats = _impl(backend, 0)(image, text, scale, bias, label_smoothing,
-                                               chunk_size if chunk_size > 0 else None)
+    with torch.autocast(image.device.type, enabled=False):  # the inputs are already in the dtype to compute in
+        loss, row_stats, col_stats = _impl(backend, 0)(image, text, scale, bias, label_smoothing,
+                                                   chunk_size if chunk_size > 0 else None)
     return loss, row_stats, col_stats
 
 
@@ -69,8 +71,9 @@ def _(image, text, scale, bias, label_smoothing, backend, chunk_size):
 def _contrastive_bwd_op(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor],
                         row_stats: Tensor, col_stats: Tensor, label_smoothing: float, backend: str,
                         chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
-    d_image, d_text, d_scale = _impl(backend, 1)(grad, image, text, scale, bias, row_stats, col_stats, label_smoothing,
-                                                 chunk_size if chunk_size > 0 else None)
+    with torch.autocast(image.device.type, enabled=False):
+        d_image, d_text, d_scale = _impl(backend, 1)(grad, image, text, scale, bias, row_stats, col_stats,
+                                                     label_smoothing, chunk_size if chunk_size > 0 else None)
     return d_image, d_text, d_scale
 
 
@@ -117,7 +120,13 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
         chunk_size: rows per chunk for the "torch" backend (default: about 4M logits per chunk).
 
     Returns:
-        0-d tensor in the features' dtype (accumulated in fp32, or fp64 for fp64 inputs).
+        0-d tensor in the features' dtype (accumulated in fp32, or fp64 for fp64 inputs); fp32 under autocast.
+
+    Precision: under ``torch.autocast`` (CPU or CUDA) the GEMMs run in the autocast dtype whatever the features'
+    dtype, as open_clip's ``logit_scale * image @ text.T`` does, and the loss is fp32 (as ``F.cross_entropy``
+    returns under autocast); gradients reach fp32 features in fp32. Outside autocast, fp32 features follow
+    ``torch.get_float32_matmul_precision()``: "highest" (torch's default) computes IEEE fp32 products, "high" and
+    "medium" allow TF32 on GPUs. Accumulation and the softmax statistics are fp32 in every case.
 
     Memory: O(N * D) plus O(chunk * N) ("torch") or O(N) ("triton"); the (N, N) logits are never materialized
     (except by "reference").
@@ -134,10 +143,13 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     bias = as_scalar(logit_bias, "logit_bias", image_features, required=False)
     ls = check_label_smoothing(label_smoothing)
     check_chunk_size(chunk_size)
-    row = select(OP, backend, device=image_features.device, dtype=image_features.dtype,
-                 dim=image_features.shape[1])
-    if row.backend == "reference":
-        return row.impl(image_features, text_features, scale, bias, label_smoothing=ls)
-    loss, _, _ = torch.ops.fastclip.contrastive_loss_fwd(image_features, text_features, scale, bias, ls,
-                                                         row.backend, int(chunk_size or 0))
-    return loss.to(image_features.dtype)
+    amp = autocast_dtype(image_features.device)
+    image, text = amp_cast(image_features, amp), amp_cast(text_features, amp)
+    # under autocast the loss is fp32, as F.cross_entropy's there (fp64 is left alone, as autocast leaves it)
+    out_dtype = torch.float32 if amp is not None and image_features.dtype != torch.float64 else image_features.dtype
+    row = select(OP, backend, device=image.device, dtype=image.dtype, dim=image.shape[1])
+    if row.backend == "reference":  # open_clip's code, autocast included
+        return row.impl(image_features, text_features, scale, bias, label_smoothing=ls).to(out_dtype)
+    loss, _, _ = torch.ops.fastclip.contrastive_loss_fwd(image, text, scale, bias, ls, row.backend,
+                                                         int(chunk_size or 0))
+    return loss.to(out_dtype)

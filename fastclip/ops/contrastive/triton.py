@@ -319,8 +319,9 @@ def logits_tiles(d: int, dtype: torch.dtype) -> dict:
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting: IEEE fp32 by default, tf32 when the user allowed it.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    # fp32 inputs follow torch.get_float32_matmul_precision(), as torch's own matmul: "highest" (the default) is IEEE
+    # fp32; "high" and "medium" (also set by torch.backends.cuda.matmul.allow_tf32 = True) allow TF32.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
 

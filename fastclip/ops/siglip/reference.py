@@ -18,7 +18,9 @@ def siglip_loss_ref(image_features: torch.Tensor, text_features: torch.Tensor, l
     logits = logit_scale * image_features @ text_features.T  # (N, M)
     if logit_bias is not None:
         logits = logits + logit_bias
-    labels = -torch.ones_like(logits)
+    # labels in the features' dtype, as open_clip's: under autocast the logits are bf16/fp16 and the product
+    # with fp32 labels promotes the log-sigmoid to fp32
+    labels = -torch.ones(logits.shape, dtype=image_features.dtype, device=logits.device)
     if not negative_only:
-        labels = labels + 2 * torch.eye(*logits.shape, dtype=logits.dtype, device=logits.device)
+        labels = labels + 2 * torch.eye(*logits.shape, dtype=image_features.dtype, device=logits.device)
     return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
