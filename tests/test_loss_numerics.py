@@ -108,3 +108,18 @@ def test_siglip_confident(backend, dtype):
     _, ref = _grads(siglip_loss_ref, img.double(), txt.double(), scale.double(), bias.double())
     _, grads = _grads(lambda i, t, s, b: fastclip.siglip_loss(i, t, s, b, backend=backend), img, txt, scale, bias)
     _check_within(grads, ref, 1e-2)
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+def test_siglip_uniform(backend, dtype):
+    """Collapsed features, SigLIP's initial scale and bias: within 2x open_clip's error in that dtype (+ a floor)."""
+    img, txt = uniform_features(N, 48, dtype, seed=5)
+    scale, bias = torch.tensor(10.0, dtype=dtype), torch.tensor(-10.0, dtype=dtype)
+    _, ref = _grads(siglip_loss_ref, img.double(), txt.double(), scale.double(), bias.double())
+    oc = open_clip_loss.SigLipLoss()
+    _, lo = _grads(lambda i, t, s, b: oc(i, t, s, b), img, txt, scale, bias)
+    _, grads = _grads(lambda i, t, s, b: fastclip.siglip_loss(i, t, s, b, backend=backend), img, txt, scale, bias)
+    for name, g, r, o in zip(("d_image", "d_text", "d_logit_scale"), grads, ref, lo):
+        err = (g.double() - r).abs().max().item()
+        base = (o.double() - r).abs().max().item()
+        assert err <= 2 * base + 1e-4 * (1 + r.abs().max().item()), f"{name}: err {err:.3e}, open_clip {base:.3e}"
