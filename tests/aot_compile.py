@@ -1,8 +1,9 @@
 """Compile the contrastive loss's Triton kernels for a GPU target without a GPU; print one JSON line per config.
 
 Run by tests/test_triton_compile.py in a subprocess (TRITON_INTERPRET must be unset before triton is imported).
-Uses the launchers' own GPU configurations, Triton's compiler and its bundled ptxas (`ptxas -v` for registers
-and spills).
+Uses the launchers' own GPU configurations, specialized as the JIT specializes a launch on contiguous, aligned
+features (unit strides constexpr, divisibility-16 hints), Triton's compiler and its bundled ptxas (`ptxas -v` for
+registers and spills).
 """
 import json
 import os
@@ -26,27 +27,38 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
+UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_dak")  # contiguous feature rows: 1, a constexpr after the JIT
+
+
 def signature(kernel, dtype, constexprs):
-    sig = {}
-    for name in kernel.arg_names:
+    """Argument types and the JIT's specialization of a launch on contiguous, 16-byte-aligned (N, D) features with
+    N, D and row strides multiples of 16: unit strides become constexpr 1 (added to ``constexprs``), the other
+    pointers and integers carry tt.divisibility 16."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("N", "D", "M_A", "N_B") or name.startswith("stride"):
-            sig[name] = "i32"
-        elif name in ("label_smoothing", "inv_n"):
+            continue
+        if name in UNIT_STRIDES:
+            sig[name] = "constexpr"
+            constexprs[name] = 1
+            continue
+        if name in ("label_smoothing", "inv_n"):
             sig[name] = "fp32"
-        elif name == "LOCKS":
-            sig[name] = "*i32"
+            continue
+        if name in ("N", "D", "M_A", "N_B", "rb_per", "cb_per", "G_R", "G_C") or name.startswith("stride"):
+            sig[name] = "i32"
         else:
             sig[name] = "*" + TYPES[dtype] if name in ("A", "B", "DA") else "*fp32"
-    return sig
+        attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
 
 
 def compile_one(kernel, dtype, cfg, arch):
     cfg = dict(cfg)
-    opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-    src = ASTSource(kernel, signature(kernel, dtype, cfg),
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in cfg.items()})
+    opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages", 3))
+    sig, attrs = signature(kernel, dtype, cfg)
+    src = ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in cfg.items()}, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
@@ -66,15 +78,16 @@ def main():
     n = 65536
     for arch in (int(a) for a in sys.argv[1:] or ["90"]):
         for dtype in (torch.bfloat16, torch.float32):
-            cases = [("fwd", C._contrastive_fwd_kernel, 512,
-                      dict(C._fwd_config(n, 512, dtype), HAS_BIAS=True, INPUT_PRECISION="tf32"))]
+            fwd = C.fwd_config(n, 512, dtype)
+            del fwd["SPLIT"]  # the grid's split, not a kernel argument
+            cases = [("fwd", C._contrastive_fwd_kernel, 512, dict(fwd, HAS_BIAS=True, INPUT_PRECISION="tf32"))]
             for d in (128, 512, 1024, 2048):
                 cases.append(("bwd", C._contrastive_bwd_kernel, d,
-                              dict(C._bwd_config(n, d, dtype), HAS_BIAS=True, HAS_SMOOTHING=True,
+                              dict(C.bwd_config(n, d, dtype), HAS_BIAS=True, HAS_SMOOTHING=True,
                                    COMPUTE_DSCALE=True, INPUT_PRECISION="tf32")))
             for grad in (False, True):
                 cases.append((f"siglip{'_grad' if grad else ''}", SG._siglip_kernel, 512,
-                              dict(SG._config(n, 512, dtype, grad), HAS_BIAS=True, POSITIVES=True, COMPUTE_LOSS=True,
+                              dict(SG.config(n, 512, dtype, grad), HAS_BIAS=True, POSITIVES=True, COMPUTE_LOSS=True,
                                    COMPUTE_GRAD=grad, INPUT_PRECISION="tf32")))
             for name, kernel, d, cfg in cases:
                 out = dict(kernel=name, arch=arch, dtype=TYPES[dtype], d=d,
