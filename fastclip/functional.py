@@ -229,3 +229,4 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
 # Ops defined in their own modules, re-exported here (one import line per op).
 from fastclip.attention import flash_attention  # noqa: E402,F401
 from fastclip.siglip import siglip_loss  # noqa: E402,F401
+from fastclip.ops.topk import topk_similarity  # noqa: E402,F401
