@@ -5,6 +5,8 @@
     fastclip bench siglip [options]    the SigLIP sigmoid-loss benchmark
     fastclip bench attention [options] the attention benchmark (``fastclip bench attention --help``)
     fastclip bench towers [options]    training steps of the CLIP towers against open_clip
+    fastclip bench topk [options]      top-k similarity search against FAISS and torch.topk
+    fastclip index | search | classify | moderate | eval   using a model (``fastclip <command> --help``)
 """
 from __future__ import annotations
 
@@ -13,7 +15,11 @@ import sys
 
 # benchmark name -> module with main(argv)
 BENCHES = {"loss": "fastclip.bench.loss", "siglip": "fastclip.bench.siglip", "attention": "fastclip.bench.attention",
-           "towers": "fastclip.bench.towers"}
+           "towers": "fastclip.bench.towers", "topk": "fastclip.bench.topk"}
+# command name -> (module, function(argv))
+COMMANDS = {"index": ("fastclip.commands.index", "index_main"), "search": ("fastclip.commands.index", "search_main"),
+            "classify": ("fastclip.commands.classify", "main"), "moderate": ("fastclip.commands.moderate", "main"),
+            "eval": ("fastclip.commands.evaluate", "main")}
 
 
 def main(argv=None) -> int:
@@ -32,6 +38,8 @@ def main(argv=None) -> int:
             print(f"usage: fastclip bench {{{','.join(sorted(BENCHES))}}} [options]", file=sys.stderr)
             return 2
         return importlib.import_module(BENCHES[rest[0]]).main(rest[1:])
+    if cmd in COMMANDS:
+        return getattr(importlib.import_module(COMMANDS[cmd][0]), COMMANDS[cmd][1])(rest)
     print(f"fastclip: unknown command {cmd!r}\n\n{__doc__.strip()}", file=sys.stderr)
     return 2
 

@@ -225,6 +225,7 @@ print(json.dumps({"peak_mb": peak_memory_mb(run, torch.device("cpu"))}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpu_peak_supported(), reason="needs Linux /proc/self/clear_refs to measure peak memory")
 def test_memory_never_q_by_g():
     # the (2048, 65536) fp32 score matrix would be 512 MB; one tile is 16 MB, the result 0.3 MB

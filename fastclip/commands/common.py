@@ -1,0 +1,169 @@
+"""What the commands share: the model options, loading a model, and embedding images and texts in batches.
+
+A model comes from ``--model NAME --pretrained FILE`` (a ``fastclip.list_models()`` name and a checkpoint file),
+from ``--pretrained FILE`` alone (the architecture inferred from the checkpoint's tensor shapes, QuickGELU as in
+OpenAI's releases), or from ``--run DIR``: a ``fastclip train`` run folder, that is a directory containing
+``config.json`` with a ``model`` key and a checkpoint file (``checkpoints/last.pt``, else the newest ``*.pt`` in the
+folder or in ``checkpoints/``); the checkpoint's weights are its ``model`` or ``state_dict`` entry, or the file
+itself when it is a plain state dict.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = p.add_argument_group("model" + ("" if required else " (default: the one the index was built with)"))
+    g.add_argument("--model", help="model name (fastclip.list_models()), with --pretrained")
+    g.add_argument("--pretrained", help="checkpoint file (OpenAI, open_clip or fastclip train); alone: architecture "
+                                        "inferred from its shapes")
+    g.add_argument("--run", help="a fastclip train run folder (config.json with a 'model' key, and a checkpoint)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+
+
+def model_spec(args) -> Optional[dict]:
+    """The model options as a dict (stored in an index), or None when none were given."""
+    if args.run:
+        if args.model or args.pretrained:
+            raise SystemExit("give --run, or --model/--pretrained, not both")
+        return {"run": os.path.abspath(args.run)}
+    if args.pretrained:
+        return {"model": args.model, "pretrained": os.path.abspath(args.pretrained)}
+    if args.model:
+        raise SystemExit(f"--model {args.model} needs --pretrained FILE (fastclip downloads no weights)")
+    return None
+
+
+def _run_checkpoint(run: str) -> Tuple[str, str]:
+    cfg_path = os.path.join(run, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise SystemExit(f"--run {run}: no config.json there (expected a fastclip train run folder)")
+    with open(cfg_path) as f:
+        name = json.load(f).get("model")
+    if not name:
+        raise SystemExit(f"--run {run}: config.json has no 'model' key")
+    last = os.path.join(run, "checkpoints", "last.pt")
+    found = [last] if os.path.isfile(last) else sorted(
+        glob.glob(os.path.join(run, "*.pt")) + glob.glob(os.path.join(run, "checkpoints", "*.pt")),
+        key=os.path.getmtime)
+    if not found:
+        raise SystemExit(f"--run {run}: no checkpoint (checkpoints/last.pt or *.pt)")
+    return name, found[-1]
+
+
+def _state_dict(path: str, trusted: bool) -> dict:
+    # a run folder is the user's own training output: its checkpoint also pickles optimizer and RNG states
+    ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return ckpt
+
+
+def load_model(spec: dict, device: str = "cpu"):
+    """(model in eval mode on ``device``, tokenizer, preprocess) for a spec from :func:`model_spec`."""
+    import fastclip
+    from fastclip.models import load_checkpoint
+
+    if "run" in spec:
+        name, path = _run_checkpoint(spec["run"])
+        sd = _state_dict(path, trusted=True)
+    else:
+        name, path, sd = spec.get("model"), spec["pretrained"], None
+    if name and name in fastclip.list_models():
+        model = fastclip.create_model(name)
+        load_checkpoint(model, sd if sd is not None else path)
+    elif name and _train_builder() is not None and name in _train_builder().TINY_MODELS:
+        model = _train_builder().build_model(name)
+        load_checkpoint(model, sd if sd is not None else path)
+    elif name and "run" not in spec:
+        raise SystemExit(f"--model {name!r} is unknown; see fastclip.list_models()")
+    else:
+        # --pretrained alone, or a run whose model name this version does not know: read the shapes
+        if name:
+            print(f"note: model {name!r} is not a known name; architecture inferred from {path}", file=sys.stderr)
+        model = fastclip.create_model_from_state_dict(sd if sd is not None else _state_dict(path, trusted=False))
+    model = model.to(device).eval()
+    size = getattr(model.visual, "image_size", 224)
+    return model, fastclip.tokenize, fastclip.image_transform(size)
+
+
+def _train_builder():
+    try:
+        from fastclip.train import models
+    except ImportError:
+        return None
+    return models
+
+
+def read_image(path: str, preprocess: Callable) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return preprocess(img.convert("RGB"))
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts: Sequence[str], device: str, batch_size: int = 256) -> torch.Tensor:
+    """(len(texts), E) normalized fp32 text embeddings."""
+    out = [model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device), normalize=True).float()
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_images(model, preprocess: Callable, paths: Sequence[str], device: str, batch_size: int = 64,
+                 progress: bool = False) -> Tuple[torch.Tensor, List[str], List[Tuple[str, str]]]:
+    """(embeddings (n, E) normalized fp32, the n paths read, [(path, why) for each unreadable file])."""
+    from tqdm import tqdm
+
+    feats, done, skipped = [], [], []
+    for i in tqdm(range(0, len(paths), batch_size), disable=not progress, unit="batch"):
+        batch, ok = [], []
+        for p in paths[i:i + batch_size]:
+            try:
+                batch.append(read_image(p, preprocess))
+                ok.append(p)
+            except Exception as e:  # noqa: BLE001 - any unreadable or corrupt file is skipped and reported
+                skipped.append((p, f"{type(e).__name__}: {e}"))
+        if batch:
+            feats.append(F.normalize(model.encode_image(torch.stack(batch).to(device)).float(), dim=-1))
+            done.extend(ok)
+    dim = model.text_projection.shape[1] if not feats else feats[0].shape[1]
+    return (torch.cat(feats) if feats else torch.empty(0, dim, device=device)), done, skipped
+
+
+def split_labels(text: str) -> List[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def read_lines(path: str) -> List[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def templates_from(args) -> List[str]:
+    """--template (repeatable) or --templates-file, else OpenAI's 80 ImageNet templates."""
+    from fastclip.zeroshot import OPENAI_IMAGENET_TEMPLATES
+
+    templates = list(args.template or []) + (read_lines(args.templates_file) if args.templates_file else [])
+    templates = templates or list(OPENAI_IMAGENET_TEMPLATES)
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise SystemExit(f"templates must contain '{{}}' exactly once (where the label goes): {bad[:3]}")
+    return templates
+
+
+def add_template_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", action="append", help="prompt template with {} for the label (repeatable; "
+                                                       "default: OpenAI's 80 ImageNet templates)")
+    p.add_argument("--templates-file", help="one template per line")
