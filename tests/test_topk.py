@@ -234,3 +234,16 @@ def test_memory_never_q_by_g():
     assert res.returncode == 0, res.stderr[-3000:]
     peak = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
     assert 0 < peak < 100, f"peak {peak:.0f} MB"
+
+
+def test_bench_topk_writes_csv(tmp_path, capsys):
+    from fastclip.bench.common import read_csv
+    from fastclip.cli import main
+
+    csv_path = tmp_path / "topk.csv"
+    assert main(["bench", "topk", "--q", "16", "--g", "300", "--d", "8", "--k", "5", "--rep", "2", "--csv",
+                 str(csv_path)]) == 0
+    rows = read_csv(str(csv_path))
+    assert [r["provider"] for r in rows] == ["fastclip", "faiss", "torch.topk"]
+    assert all(r["shape"] == "Q=16,G=300,D=8,k=5" and float(r["ms_p50"]) > 0 for r in rows)
+    assert "faiss" in capsys.readouterr().out

@@ -3,8 +3,9 @@ import os
 
 import torch
 
-TINY = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
-            text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+# widths of 64: a checkpoint alone is read with 64-wide heads (OpenAI's convention, as open_clip infers it)
+TINY = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=64),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 

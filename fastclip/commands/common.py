@@ -1,11 +1,14 @@
 """What the commands share: the model options, loading a model, and embedding images and texts in batches.
 
 A model comes from ``--model NAME --pretrained FILE`` (a ``fastclip.list_models()`` name and a checkpoint file),
-from ``--pretrained FILE`` alone (the architecture inferred from the checkpoint's tensor shapes, QuickGELU as in
-OpenAI's releases), or from ``--run DIR``: a ``fastclip train`` run folder, that is a directory containing
+from ``--pretrained FILE --act quickgelu|gelu`` (the architecture inferred from the checkpoint's tensor shapes; the
+shapes do not tell the activation, so it must be given: OpenAI's releases and open_clip's ``-quickgelu`` models use
+QuickGELU, open_clip's other models GELU), or from ``--run DIR``: a ``fastclip train`` run folder, that is a directory containing
 ``config.json`` with a ``model`` key and a checkpoint file (``checkpoints/last.pt``, else the newest ``*.pt`` in the
 folder or in ``checkpoints/``); the checkpoint's weights are its ``model`` or ``state_dict`` entry, or the file
-itself when it is a plain state dict.
+itself when it is a plain state dict. A run's model name that is neither a ``fastclip.list_models()`` name nor one of
+``fastclip train``'s own configs is read from the checkpoint's shapes with GELU, the activation ``fastclip train``
+builds such models with.
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ import torch.nn.functional as F
 def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g = p.add_argument_group("model" + ("" if required else " (default: the one the index was built with)"))
     g.add_argument("--model", help="model name (fastclip.list_models()), with --pretrained")
-    g.add_argument("--pretrained", help="checkpoint file (OpenAI, open_clip or fastclip train); alone: architecture "
-                                        "inferred from its shapes")
+    g.add_argument("--pretrained", help="checkpoint file (OpenAI, open_clip or fastclip train); without --model the "
+                                        "architecture is read from its shapes, and --act is needed")
+    g.add_argument("--act", choices=("quickgelu", "gelu"), help="the activation of a --pretrained without --model "
+                                                                "(OpenAI's releases: quickgelu)")
     g.add_argument("--run", help="a fastclip train run folder (config.json with a 'model' key, and a checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=64)
@@ -37,7 +42,11 @@ def model_spec(args) -> Optional[dict]:
             raise SystemExit("give --run, or --model/--pretrained, not both")
         return {"run": os.path.abspath(args.run)}
     if args.pretrained:
-        return {"model": args.model, "pretrained": os.path.abspath(args.pretrained)}
+        if args.model is None and args.act is None:
+            raise SystemExit("--pretrained without --model: give --act quickgelu (OpenAI's releases, -quickgelu "
+                             "models) or --act gelu (open_clip's other models); a checkpoint's shapes do not tell")
+        spec = {"model": args.model, "pretrained": os.path.abspath(args.pretrained)}
+        return spec if args.model else {**spec, "act": args.act}
     if args.model:
         raise SystemExit(f"--model {args.model} needs --pretrained FILE (fastclip downloads no weights)")
     return None
@@ -90,8 +99,9 @@ def load_model(spec: dict, device: str = "cpu"):
     else:
         # --pretrained alone, or a run whose model name this version does not know: read the shapes
         if name:
-            print(f"note: model {name!r} is not a known name; architecture inferred from {path}", file=sys.stderr)
-        model = fastclip.create_model_from_state_dict(sd if sd is not None else _state_dict(path, trusted=False))
+            print(f"note: model {name!r} is not a known name; architecture read from {path} (GELU)", file=sys.stderr)
+        model = fastclip.create_model_from_state_dict(sd if sd is not None else _state_dict(path, trusted=False),
+                                                      quick_gelu=spec.get("act") == "quickgelu")
     model = model.to(device).eval()
     size = getattr(model.visual, "image_size", 224)
     return model, fastclip.tokenize, fastclip.image_transform(size)

@@ -44,10 +44,11 @@ def calibrate(pos: Sequence[float], neg: Sequence[float]) -> float:
     values = sorted(set(pos) | set(neg))
     candidates = [values[0]] + [(a + b) / 2 for a, b in zip(values, values[1:])] + \
         [math.nextafter(values[-1], math.inf)]
-    best, best_t = -2.0, candidates[0]
+    best, best_t = None, candidates[0]
     for t in candidates:
-        j = sum(s >= t for s in pos) / len(pos) - sum(s >= t for s in neg) / len(neg)
-        if j >= best:  # >=: the higher threshold on ties
+        # TPR - FPR times len(pos) * len(neg): integers, so ties are exact
+        j = sum(s >= t for s in pos) * len(neg) - sum(s >= t for s in neg) * len(pos)
+        if best is None or j >= best:  # >=: the higher threshold on ties
             best, best_t = j, t
     return best_t
 
