@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastclip.bench.common import read_csv  # noqa: E402
-from fastclip.ops.choice import TABLE  # noqa: E402
+from fastclip.dispatch import CHOICE_TABLE as TABLE  # noqa: E402
 
 # (op as in the CSV, cuda provider, triton provider)
 PAIRS = {"contrastive_loss": ("cuda", "triton"), "flash_attention": ("fastclip-cuda", "fastclip-triton")}

@@ -1,7 +1,7 @@
 // torch bindings of fastclip's CUDA kernels: the fastclip::*_cuda operator schemas, their CUDA implementations
 // (argument checks, allocation, launch on the current stream) and CPU implementations that only explain.
 //
-// Fake (meta) implementations for torch.compile live in Python (fastclip/ops/cuda.py). The kernels are reached
+// Fake (meta) implementations for torch.compile live in Python (fastclip/ops/_extension.py). The kernels are reached
 // through the plain launchers of csrc/*/*.h, so no .cu file includes torch headers (they build in seconds).
 #include <Python.h>
 

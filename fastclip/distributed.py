@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastclip.ops.registry import select, supports
-from fastclip.ops.torch_chunked import _logits, _rowdot, acc_dtype
-from fastclip.siglip import _needs_grad
+from fastclip._checks import as_scalar, check_feature_pair
+from fastclip.dispatch import select, supports
+from fastclip.ops.contrastive.pytorch import _logits, _rowdot, acc_dtype
+from fastclip.ops.siglip import _needs_grad
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
@@ -61,12 +62,10 @@ def prepare(rank: int, world_size: int, group, image: Tensor, text: Tensor, logi
 
     Returns (group, rank, world, scale, bias).
     """
-    from fastclip import functional as F
-
     group, rank_in_group, world = resolve(rank, world_size, group)
-    check_same_shapes(image, text, rank=rank, group=group, local_check=F.check_feature_pair)
-    scale = F.as_scalar(logit_scale, "logit_scale", image, required=True)
-    bias = F.as_scalar(logit_bias, "logit_bias", image, required=False)
+    check_same_shapes(image, text, rank=rank, group=group, local_check=check_feature_pair)
+    scale = as_scalar(logit_scale, "logit_scale", image, required=True)
+    bias = as_scalar(logit_bias, "logit_bias", image, required=False)
     return group, rank_in_group, world, scale, bias
 
 
@@ -344,7 +343,7 @@ def _lse_merge(a: Optional[Tensor], b: Tensor) -> Tensor:
 
 
 # A block forward saves its row/column statistics as (2, n) = (max, log-sum) in its backend's log base; one unit
-# of it is this many natural-log units (see fastclip/ops/torch_chunked.py and fastclip/ops/triton/contrastive.py).
+# of it is this many natural-log units (see fastclip/ops/contrastive/pytorch.py and triton.py).
 _STATS_UNIT = {"torch": 1.0, "triton": math.log(2.0)}
 
 

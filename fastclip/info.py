@@ -26,7 +26,8 @@ def _versions() -> dict:
 
 
 def report() -> str:
-    from fastclip.ops.registry import _BACKEND_UNAVAILABLE, AUTO_ORDER, ops, supports
+    import fastclip.ops  # noqa: F401  (registers every op's rows)
+    from fastclip.dispatch import _BACKEND_UNAVAILABLE, AUTO_ORDER, ops, supports
 
     lines = [f"{k:>20}: {v}" for k, v in _versions().items()]
     lines.append("\nbackends (auto tries them in this order)")

@@ -1,12 +1,36 @@
 """``nn.Module`` losses with open_clip's signatures. They hold arguments and call ``fastclip.functional``."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
 from fastclip import functional as F
+from fastclip._checks import amp_cast, autocast_dtype
+
+
+def _autocast_once(loss_in_fp32: bool):
+    """A distributed forward under autocast: the features cast once to the autocast dtype, then every block, chunk
+    and collective run with autocast off, so all of them see one dtype (each rank casts alike). The loss is fp32
+    (``loss_in_fp32``: as open_clip's cross_entropy under autocast) or, as open_clip's SigLIP, in the features'
+    dtype promoted with the autocast dtype."""
+    def wrap(forward):
+        @functools.wraps(forward)
+        def run(self, image_features, text_features, logit_scale, logit_bias):
+            amp = autocast_dtype(image_features.device)
+            if amp is None:
+                return forward(self, image_features, text_features, logit_scale, logit_bias)
+            dtype = image_features.dtype
+            with torch.autocast(image_features.device.type, enabled=False):
+                loss = forward(self, amp_cast(image_features, amp), amp_cast(text_features, amp), logit_scale,
+                               logit_bias)
+            if loss_in_fp32:
+                return loss.to(dtype if dtype == torch.float64 else torch.float32)
+            return loss.to(torch.promote_types(dtype, amp))
+        return run
+    return wrap
 
 
 class _PairLoss(nn.Module):
@@ -77,6 +101,7 @@ class ContrastiveLoss(_PairLoss):
             loss = self._distributed(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
 
+    @_autocast_once(loss_in_fp32=True)
     def _distributed(self, image_features, text_features, logit_scale, logit_bias):
         from fastclip import distributed as D
 
@@ -136,7 +161,7 @@ class SigLIPLoss(_PairLoss):
         super().__init__(cache_labels, rank, world_size, dist_impl or "bidir", backend, chunk_size, group)
         if self.dist_impl not in self.DIST_IMPLS:
             raise ValueError(f"dist_impl={dist_impl!r}: expected one of {self.DIST_IMPLS}")
-        from fastclip.siglip import check_chunk_size
+        from fastclip._checks import check_chunk_size
 
         check_chunk_size(chunk_size)
 
@@ -149,9 +174,10 @@ class SigLIPLoss(_PairLoss):
             loss = self._distributed(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
 
+    @_autocast_once(loss_in_fp32=False)
     def _distributed(self, image_features, text_features, logit_scale, logit_bias):
         from fastclip import distributed as D
-        from fastclip.siglip import siglip_block
+        from fastclip.ops.siglip import siglip_block
 
         group, rank, world, scale, bias = D.prepare(self.rank, self.world_size, self.group, image_features,
                                                     text_features, logit_scale, logit_bias)

@@ -1,4 +1,4 @@
-"""``nn.Module`` layers over fastclip's ops. They hold parameters and arguments and call ``fastclip.attention``."""
+"""``nn.Module`` layers over fastclip's ops. They hold parameters and arguments and call ``fastclip.flash_attention``."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastclip.attention import flash_attention
+from fastclip.ops.attention import flash_attention
 
 __all__ = ["MultiheadAttention"]
 

@@ -19,8 +19,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastclip.ops.triton import contrastive as C  # noqa: E402
-from fastclip.ops.triton import siglip as SG  # noqa: E402
+from fastclip.ops.contrastive import triton as C  # noqa: E402
+from fastclip.ops.siglip import triton as SG  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import fastclip
-from fastclip.ops.reference import attention_ref
-from fastclip.ops.registry import BackendError, cuda_ext_unavailable, select
+from fastclip.ops.attention.reference import attention_ref
+from fastclip.dispatch import BackendError, cuda_ext_unavailable, select
 
 from .helpers import assert_close, assert_close_to_ref
 
@@ -184,7 +184,7 @@ def test_triton_strided_inputs(dtype, layout):
 
 def test_triton_lse_and_empty_rows():
     """The forward's log-sum-exp (it drives the backward) against torch.logsumexp; -inf and zeros for empty rows."""
-    from fastclip.ops.triton.attention import attention_fwd
+    from fastclip.ops.attention.triton import attention_fwd
 
     b, s, h, d = 2, 45, 2, 40
     q, k, v = [t.detach() for t in make_qkv(b, s, h, d)]

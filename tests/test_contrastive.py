@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fastclip
-from fastclip.ops import reference
-from fastclip.ops.registry import BackendError, cuda_ext_unavailable, select
+from fastclip.ops.contrastive import reference
+from fastclip.dispatch import BackendError, cuda_ext_unavailable, select
 
 from .helpers import assert_close, assert_close_to_ref
 
@@ -179,7 +179,7 @@ def test_triton_strided_inputs():
 
 def test_triton_lse_against_logsumexp():
     # the forward's row and column log-sum-exp, checked directly (they drive the whole backward)
-    from fastclip.ops.triton.contrastive import contrastive_fwd
+    from fastclip.ops.contrastive.triton import contrastive_fwd
 
     img, txt, scale = [t.detach() for t in make_inputs(70, 40, torch.float32, scale=60.0)]
     _, row, col = contrastive_fwd(img, txt, scale, None, 0.0)  # (2, N): max and log-sum, base 2

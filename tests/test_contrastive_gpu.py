@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastclip
-from fastclip.ops import reference
+from fastclip.ops.contrastive import reference
 
 from .helpers import assert_close_to_ref
 from .test_contrastive import GRAD_NAMES, loss_and_grads, make_inputs, upcast

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastclip import build
-from fastclip.ops import choice
-from fastclip.ops.registry import select
+from fastclip import dispatch as choice
+from fastclip.dispatch import select
 
 
 def test_sources_are_every_kernel_file_and_the_bindings():
@@ -37,7 +37,7 @@ def test_kernel_sources_include_no_torch_headers():
 
 
 def test_choice_table_is_valid_json_with_known_fields():
-    for e in choice.table():
+    for e in choice.choice_table():
         assert set(e) >= {"op", "arch", "dtype", "dim_max", "backend"}, e
         assert e["backend"] in ("cuda", "triton")
 

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from fastclip.ops import cuda as cuda_backend
-from fastclip.ops.registry import BackendError, select
+from fastclip.ops import _extension as cuda_backend
+from fastclip.dispatch import BackendError, select
 
 if not cuda_backend.built():
     if os.environ.get("FASTCLIP_REQUIRE_CUDA_EXT") == "1":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastclip
-from fastclip.ops import cuda as cuda_backend
+from fastclip.ops import _extension as cuda_backend
 
 from .test_attention import GPU_SHAPES, check_against_reference, make_mask, make_qkv
 from .test_contrastive import loss_and_grads, make_inputs
@@ -97,8 +97,8 @@ def test_attention_opcheck():
 
 
 def test_auto_takes_cuda_only_on_evidence(monkeypatch):
-    from fastclip.ops import choice
-    from fastclip.ops.registry import select
+    from fastclip import dispatch as choice
+    from fastclip.dispatch import select
 
     dev = torch.device("cuda")
     arch = choice.device_arch(dev)

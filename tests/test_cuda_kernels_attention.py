@@ -243,7 +243,7 @@ def test_backward_deterministic(lib):
 
 def test_reference_matches_autograd():
     """The closed-form float64 gradients of Case.reference agree with autograd of fastclip's attention_ref."""
-    from fastclip.ops.reference import attention_ref
+    from fastclip.ops.attention.reference import attention_ref
 
     case = Case("bf16", 2, 2, 9, 11, 32, causal=True, pad=[2, 11], seed=1)
     ref = case.reference()

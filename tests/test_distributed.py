@@ -24,8 +24,9 @@ RING_CHECKS = ["clip_ring_gwg1", "clip_ring_gwg0_bias", "clip_ring_reference", "
 SIGLIP_CHECKS = [f"siglip_{m}" for m in ("bidir", "shift", "reduce", "gather", "ring")] + [
     "siglip_ring_nobias", "siglip_ring_triton_fp32", "siglip_ring_reference", "siglip_ring_mean_equals_global",
     "siglip_ring_no_grad", "siglip_bidir_triton_fp16"]
+AUTOCAST_CHECKS = [f"autocast_bf16_{m}" for m in ("clip_gather", "clip_ring", "siglip_bidir", "siglip_ring")]
 ERROR_CHECKS = ["shape_mismatch_every_rank_raises", "bad_input_on_one_rank", "group_subset"]
-CHECKS = CLIP_CHECKS + RING_CHECKS + SIGLIP_CHECKS + ERROR_CHECKS
+CHECKS = CLIP_CHECKS + RING_CHECKS + SIGLIP_CHECKS + AUTOCAST_CHECKS + ERROR_CHECKS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,7 +80,8 @@ def _worker(rank, world, store, out_dir):
     import fastclip
     from open_clip.loss import ClipLoss, SigLipLoss
 
-    from fastclip.ops import reference
+    from fastclip.ops.contrastive.reference import contrastive_loss_ref
+    from fastclip.ops.siglip.reference import siglip_loss_ref
 
     results = {}
 
@@ -146,13 +148,13 @@ def _worker(rank, world, store, out_dir):
         glob = _global_inputs(world, bias=None, scale=15.0)
         mean_equals_global(fastclip.ContrastiveLoss(gather_with_grad=True, rank=rank, world_size=world,
                                                     dist_impl="ring", backend="torch"),
-                           reference.contrastive_loss_ref, glob)
+                           contrastive_loss_ref, glob)
 
     @check("clip_local_mean_equals_global")
     def _():
         glob = _global_inputs(world, bias=None, scale=15.0)
         mean_equals_global(fastclip.ContrastiveLoss(True, True, rank=rank, world_size=world, backend="torch"),
-                           reference.contrastive_loss_ref, glob)
+                           contrastive_loss_ref, glob)
 
     # ---- SigLIPLoss: open_clip's four modes and the ring
     for mode in ("bidir", "shift", "reduce", "gather", "ring"):
@@ -186,7 +188,29 @@ def _worker(rank, world, store, out_dir):
     def _():
         glob = _global_inputs(world, bias=-1.5, scale=7.0)
         mean_equals_global(fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"),
-                           reference.siglip_loss_ref, glob)
+                           siglip_loss_ref, glob)
+
+    # ---- under CPU autocast (bf16) with fp32 features, as AMP training hands them over: open_clip's dtype for the
+    # loss, fp32 gradients, values as open_clip's within its own bf16-logit rounding
+    for mode, ours_fn, ref_fn in [
+            ("clip_gather", lambda: fastclip.ContrastiveLoss(rank=rank, world_size=world),
+             lambda: ClipLoss(rank=rank, world_size=world)),
+            ("clip_ring", lambda: fastclip.ContrastiveLoss(gather_with_grad=True, rank=rank, world_size=world,
+                                                           dist_impl="ring"),
+             lambda: ClipLoss(gather_with_grad=True, rank=rank, world_size=world)),
+            ("siglip_bidir", lambda: fastclip.SigLIPLoss(rank=rank, world_size=world),
+             lambda: SigLipLoss(rank=rank, world_size=world)),
+            ("siglip_ring", lambda: fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring"),
+             lambda: SigLipLoss(rank=rank, world_size=world))]:
+        @check(f"autocast_bf16_{mode}")
+        def _(ours_fn=ours_fn, ref_fn=ref_fn, mode=mode):
+            glob = _global_inputs(world, torch.float32, bias=-2.0 if "siglip" in mode else None, scale=10.0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours = _run(ours_fn(), _local_leaves(glob, rank))
+                ref = _run(ref_fn(), _local_leaves(glob, rank))
+            assert ours[0].dtype == ref[0].dtype == torch.float32, (ours[0].dtype, ref[0].dtype)
+            assert all(g.dtype == torch.float32 for g in ours[1]), [g.dtype for g in ours[1]]
+            _compare_runs(ours, ref, rtol=3e-2, atol=3e-3)
 
     @check("siglip_ring_no_grad")
     def _():
@@ -243,13 +267,13 @@ def _worker(rank, world, store, out_dir):
         glob = _global_inputs(sub_world, bias=-2.0, scale=12.0)
         for loss_fn, ref_fn in [
             (fastclip.SigLIPLoss(rank=sub_rank, world_size=sub_world, dist_impl="ring", group=group),
-             reference.siglip_loss_ref),
+             siglip_loss_ref),
             (fastclip.SigLIPLoss(rank=sub_rank, world_size=sub_world, dist_impl="shift", group=group),
-             reference.siglip_loss_ref),
+             siglip_loss_ref),
             (fastclip.ContrastiveLoss(gather_with_grad=True, rank=sub_rank, world_size=sub_world, dist_impl="ring",
-                                      group=group), reference.contrastive_loss_ref),
+                                      group=group), contrastive_loss_ref),
             (fastclip.ContrastiveLoss(True, True, rank=sub_rank, world_size=sub_world, group=group),
-             reference.contrastive_loss_ref),
+             contrastive_loss_ref),
         ]:
             loss, grads = _run(loss_fn, _local_leaves(glob, sub_rank))
             single, sgrads = _run(ref_fn, [t.detach().clone().requires_grad_() for t in glob])

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fastclip
-from fastclip.ops import reference
-from fastclip.ops.registry import BackendError, cuda_ext_unavailable, select
+from fastclip.ops.siglip import reference
+from fastclip.dispatch import BackendError, cuda_ext_unavailable, select
 
 from .helpers import assert_close, assert_close_to_ref
 from .test_contrastive import GRAD_NAMES, loss_and_grads, make_inputs, upcast
@@ -66,7 +66,7 @@ def test_torch_fp32(n, d, scale, bias):
 @pytest.mark.parametrize("n,m", [(1, 1), (3, 5), (40, 33), (17, 17)])
 def test_negative_only_blocks(backend, n, m):
     # the building block of the distributed modes: another rank's texts, every pair a negative, N != M allowed
-    from fastclip.siglip import siglip_block
+    from fastclip.ops.siglip import siglip_block
 
     dtype = torch.float64 if backend == "torch" else torch.float32
     img, _, scale, bias = siglip_inputs(n, 24, dtype, bias=-3.0)

@@ -247,3 +247,13 @@ def test_bench_topk_writes_csv(tmp_path, capsys):
     assert [r["provider"] for r in rows] == ["fastclip", "faiss", "torch.topk"]
     assert all(r["shape"] == "Q=16,G=300,D=8,k=5" and float(r["ms_p50"]) > 0 for r in rows)
     assert "faiss" in capsys.readouterr().out
+
+
+def test_autocast_scores_in_the_autocast_dtype():
+    q, g = torch.randn(9, 16), torch.randn(50, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, i = fastclip.topk_similarity(q, g, 7, backend="torch")
+        v_chunked, i_chunked = fastclip.topk_similarity(q, g, 7, backend="torch", gallery_chunk=13)
+    rv, ri = fastclip.topk_similarity(q.bfloat16(), g.bfloat16(), 7, backend="torch")
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+    assert torch.equal(v_chunked, rv) and torch.equal(i_chunked, ri)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from fastclip.bench.common import Row, append_csv, environment, format_table, is_oom, peak_memory_mb, quantiles, \
     time_fn
 from fastclip.bench.loss import DTYPES
-from fastclip.ops.torch_attention import sdpa_mask
+from fastclip.ops.attention.pytorch import sdpa_mask
 
 OP = "flash_attention"
 DEFAULT_CSV = os.path.join("benchmarks", "results", "attention.csv")
@@ -60,8 +60,8 @@ def attention_providers(device: torch.device) -> Dict[str, Optional[Callable]]:
     # Triton on the CPU is the interpreter: a correctness tool whose timings mean nothing.
     out["fastclip-triton"] = ((lambda q, k, v, c, m, am: fastclip.flash_attention(
         q, k, v, causal=c, key_padding_mask=m, backend="triton")) if on_gpu else None)
-    from fastclip.ops.cuda import unavailable_reason
-    from fastclip.ops.registry import BackendError
+    from fastclip.ops._extension import unavailable_reason
+    from fastclip.dispatch import BackendError
 
     def cuda(q, k, v, c, m, am):
         try:

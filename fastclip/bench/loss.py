@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from fastclip.bench.common import Row, append_csv, environment, format_table, is_oom, peak_memory_mb, quantiles, \
     time_fn
-from fastclip.ops.cuda import unavailable_reason as cuda_unavailable
-from fastclip.ops.registry import BackendError
+from fastclip.ops._extension import unavailable_reason as cuda_unavailable
+from fastclip.dispatch import BackendError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 DEFAULT_CSV = os.path.join("benchmarks", "results", "loss.csv")

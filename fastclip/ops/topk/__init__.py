@@ -12,30 +12,33 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastclip.functional import _fmt, _Lazy, check_float_tensor
-from fastclip.ops.registry import Support, register, select, supports, triton_unavailable
+from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor
+from fastclip.dispatch import Lazy, Support, no_bf16_in_interpreter, register, select, supports, triton_unavailable
 from fastclip.ops.topk.pytorch import merge_topk
 from fastclip.ops.topk.reference import acc_dtype, topk_similarity_ref
 
 __all__ = ["topk_similarity"]
 
-register(Support("topk_similarity", "reference", impl=topk_similarity_ref))
-register(Support("topk_similarity", "torch", impl=_Lazy("fastclip.ops.topk.pytorch", "topk_similarity")))
-register(Support("topk_similarity", "triton", impl=_Lazy("fastclip.ops.topk.triton", "topk_similarity"),
+OP = "topk_similarity"
+_HERE = __name__
+
+register(Support(OP, "reference", impl=topk_similarity_ref))
+register(Support(OP, "torch", impl=Lazy(f"{_HERE}.pytorch", "topk_similarity")))
+register(Support(OP, "triton", impl=Lazy(f"{_HERE}.triton", "topk_similarity"),
                  dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), unavailable=triton_unavailable,
-                 extra_checks=(lambda dev, dtype, dim: ["bfloat16 does not run in the Triton interpreter (CPU)"]
-                               if dev == "cpu" and dtype == torch.bfloat16 else [],)))
+                 extra_checks=(no_bf16_in_interpreter,)))
 
 # rows of a host gallery moved to the GPU at a time: about 1 GiB
 _HOST_CHUNK_BYTES = 1 << 30
 
 
 def _chunked(queries: Tensor, gallery: Tensor, k: int, impl, chunk: int) -> Tuple[Tensor, Tensor]:
-    """``impl`` over gallery chunks of ``chunk`` rows (moved to the queries' device), merged in index order."""
+    """``impl`` over gallery chunks of ``chunk`` rows (moved to the queries' device and dtype), merged in index
+    order."""
     vals = queries.new_empty((queries.shape[0], 0), dtype=acc_dtype(queries.dtype))
     idx = queries.new_empty((queries.shape[0], 0), dtype=torch.int64)
     for g0 in range(0, gallery.shape[0], chunk):
-        part = gallery[g0:g0 + chunk].to(queries.device)  # (chunk, D)
+        part = gallery[g0:g0 + chunk].to(queries.device, queries.dtype)  # (chunk, D)
         v, i = impl(queries, part, min(k, part.shape[0]))
         # v, i are sorted by (value, index), so in index order within equal values: merge_topk's contract
         vals, idx = merge_topk(vals, idx, v, i + g0, k)
@@ -44,8 +47,8 @@ def _chunked(queries: Tensor, gallery: Tensor, k: int, impl, chunk: int) -> Tupl
 
 @torch.library.custom_op("fastclip::topk_similarity", mutates_args=())
 def _topk_op(queries: Tensor, gallery: Tensor, k: int, backend: str, gallery_chunk: int) -> Tuple[Tensor, Tensor]:
-    impl = supports("topk_similarity")[backend].impl
-    if gallery_chunk <= 0 and gallery.device == queries.device:
+    impl = supports(OP)[backend].impl
+    if gallery_chunk <= 0 and gallery.device == queries.device and gallery.dtype == queries.dtype:
         return impl(queries, gallery, k)
     return _chunked(queries, gallery, k, impl, gallery_chunk if gallery_chunk > 0 else gallery.shape[0])
 
@@ -115,6 +118,8 @@ def topk_similarity(queries: Tensor, gallery: Tensor, k: int, *, backend: str = 
         (values, indices), each (Q, k): values in fp32 (fp64 for fp64 inputs), the scores the ranking used, sorted
         in descending order; indices int64 into the gallery.
 
+    Autocast: under ``torch.autocast`` the inputs are cast to its dtype first, as for ``queries @ gallery.T``.
+
     Order: scores s_ij = queries_i . gallery_j accumulated in fp32 (fp64 for fp64 inputs), ranked in descending
     order with NaN above every number (as torch.topk and torch.sort rank them: a NaN query gives NaN scores and
     the indices 0..k-1; a gallery row containing NaN comes first for every query); equal scores (-0 and +0
@@ -133,10 +138,17 @@ def topk_similarity(queries: Tensor, gallery: Tensor, k: int, *, backend: str = 
         values, indices = values[:, :k], indices[:, :k]
     """
     _check(queries, gallery, k, gallery_chunk)
-    row = select("topk_similarity", backend, device=queries.device, dtype=queries.dtype, dim=queries.shape[1])
+    # under autocast the scores come from the autocast dtype, as autocast runs ``queries @ gallery.T``; a host
+    # gallery is cast chunk by chunk on its way to the device
+    amp = autocast_dtype(queries.device)
+    queries = amp_cast(queries, amp)
+    if gallery.device == queries.device:
+        gallery = amp_cast(gallery, amp)
+    row = select(OP, backend, device=queries.device, dtype=queries.dtype, dim=queries.shape[1])
     chunk = gallery_chunk
     if chunk is None and gallery.device != queries.device:
         chunk = max(1, _HOST_CHUNK_BYTES // (gallery.shape[1] * gallery.element_size()))
-    if row.backend == "reference" and chunk is None:
-        return row.impl(queries, gallery, k)
-    return torch.ops.fastclip.topk_similarity(queries, gallery, k, row.backend, int(chunk or 0))
+    with torch.autocast(queries.device.type, enabled=False):  # the backends' GEMMs run in the inputs' dtype
+        if row.backend == "reference" and chunk is None:
+            return row.impl(queries, gallery, k)
+        return torch.ops.fastclip.topk_similarity(queries, gallery, k, row.backend, int(chunk or 0))

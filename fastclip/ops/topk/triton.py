@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastclip.ops.registry import triton_interpret
+from fastclip.dispatch import triton_interpret
+from fastclip.ops.contrastive.triton import _input_precision, _logits_tile, _pow2
 from fastclip.ops.topk.pytorch import merge_topk
-from fastclip.ops.triton.contrastive import _input_precision, _logits_tile, _pow2
 
 KEY_MIN = tl.constexpr(-2147483648)  # below every score's key: an empty slot, a masked column
 KEY_NAN = tl.constexpr(2147483647)  # every NaN, above +inf's key

@@ -1,11 +1,13 @@
 """Flash attention for both CLIP towers: input checks, backend rows, custom ops, autograd, ``flash_attention``.
 
 Backends (op ``"flash_attention"``, dimension ``head_dim``):
-- ``reference``: the definition in upcast math (``fastclip.ops.reference.attention_ref``); autograd differentiates it.
-- ``torch``: ``F.scaled_dot_product_attention`` with the equivalent mask (the CPU default); SDPA's own autograd.
-- ``triton``: the fused kernels of ``fastclip.ops.triton.attention``, as the custom ops
+- ``reference``: the definition in upcast math (``reference.attention_ref``); autograd differentiates it.
+- ``pytorch`` (backend name ``"torch"``): ``F.scaled_dot_product_attention`` with the equivalent mask (the CPU
+  default); SDPA's own autograd.
+- ``triton``: the fused kernels of ``triton.py``, as the custom ops
   ``fastclip::flash_attention_fwd`` / ``fastclip::flash_attention_bwd`` (fake implementations for torch.compile),
   with the backward registered through ``torch.library.register_autograd``.
+- ``cuda``: the compiled extension's kernels (``csrc/attention/``), through the same custom ops.
 """
 from __future__ import annotations
 
@@ -15,15 +17,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastclip.functional import _fmt, _Lazy, check_float_tensor
-from fastclip.ops.torch_attention import attention_sdpa
-from fastclip.ops import reference
-from fastclip.ops.registry import Support, cuda_ext_unavailable, cuda_kernel_reasons, register, select, supports, \
-    triton_unavailable
+from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor
+from fastclip.dispatch import Lazy, Support, cuda_ext_unavailable, cuda_kernel_reasons, no_bf16_in_interpreter, \
+    register, select, supports, triton_unavailable
+from fastclip.ops.attention import reference
+from fastclip.ops.attention.pytorch import attention_sdpa
 
 __all__ = ["flash_attention"]
 
 OP = "flash_attention"
+_HERE = __name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,21 +73,15 @@ def _softmax_scale(softmax_scale, head_dim: int) -> float:
 # Backends
 
 
-def _no_bf16_in_interpreter(dev: str, dtype: torch.dtype, dim: int):
-    return ["bfloat16 does not run in the Triton interpreter (CPU)"] if dev == "cpu" and dtype == torch.bfloat16 \
-        else []
-
-
 register(Support(OP, "reference", impl=reference.attention_ref, dim_name="head_dim"))
 # pure torch: imported eagerly (torch.compile would see a lazy import as a graph break; only triton is deferred)
 register(Support(OP, "torch", impl=attention_sdpa, dim_name="head_dim"))
 register(Support(OP, "triton",
-                 impl=(_Lazy("fastclip.ops.triton.attention", "attention_fwd"),
-                       _Lazy("fastclip.ops.triton.attention", "attention_bwd")),
+                 impl=(Lazy(f"{_HERE}.triton", "attention_fwd"), Lazy(f"{_HERE}.triton", "attention_bwd")),
                  dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), max_dim=128,
-                 dim_name="head_dim", unavailable=triton_unavailable, extra_checks=(_no_bf16_in_interpreter,)))
+                 dim_name="head_dim", unavailable=triton_unavailable, extra_checks=(no_bf16_in_interpreter,)))
 register(Support(OP, "cuda",
-                 impl=(_Lazy("fastclip.ops.cuda", "attention_fwd"), _Lazy("fastclip.ops.cuda", "attention_bwd")),
+                 impl=(Lazy(f"{_HERE}.cuda", "attention_fwd"), Lazy(f"{_HERE}.cuda", "attention_bwd")),
                  devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}), min_dim=32,
                  max_dim=128, dim_name="head_dim", unavailable=cuda_ext_unavailable,
                  extra_checks=(cuda_kernel_reasons,)))
@@ -97,7 +94,8 @@ def _impl(backend: str, which: int):
 @torch.library.custom_op("fastclip::flash_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
                       softmax_scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    out, lse = _impl(backend, 0)(q, k, v, key_padding_mask, causal, softmax_scale)
+    with torch.autocast(q.device.type, enabled=False):  # the inputs are already in the dtype to compute in
+        out, lse = _impl(backend, 0)(q, k, v, key_padding_mask, causal, softmax_scale)
     return out, lse
 
 
@@ -111,7 +109,8 @@ def _(q, k, v, key_padding_mask, causal, softmax_scale, backend):
 def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float,
                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _impl(backend, 1)(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale)
+    with torch.autocast(q.device.type, enabled=False):
+        dq, dk, dv = _impl(backend, 1)(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale)
     return dq, dk, dv
 
 
@@ -155,7 +154,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
             backend that cannot run these inputs raises ``BackendError`` saying why.
 
     Returns:
-        (B, S_q, H, D) in q's dtype. A query that sees no key (all its keys padded) gets zeros and zero gradients.
+        (B, S_q, H, D) in q's dtype; under ``torch.autocast`` q, k, v are cast to the autocast dtype and the result
+        is in that dtype, as SDPA's. A query that sees no key (all its keys padded) gets zeros and zero gradients.
 
     Maths: for each (b, h), S = softmax_scale * Q K^T (S_q, S_k) with masked entries at -inf, P = softmax(S) by rows,
     O = P V. Accumulation is fp32 (fp64 for fp64). Memory: "triton" never forms S; it keeps the (B, H, S_q) fp32
@@ -173,8 +173,12 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     check_attention_inputs(q, k, v, key_padding_mask)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
     causal = bool(causal)
+    # under autocast, attention runs in the autocast dtype and returns it, as SDPA does there
+    amp = autocast_dtype(q.device)
+    q, k, v = amp_cast(q, amp), amp_cast(k, amp), amp_cast(v, amp)
     row = select(OP, backend, device=q.device, dtype=q.dtype, dim=q.shape[-1])
     if row.backend in ("reference", "torch"):  # plain PyTorch: autograd differentiates it
-        return row.impl(q, k, v, causal, key_padding_mask, scale)
+        with torch.autocast(q.device.type, enabled=False):
+            return row.impl(q, k, v, causal, key_padding_mask, scale)
     out, _ = torch.ops.fastclip.flash_attention_fwd(q, k, v, key_padding_mask, causal, scale, row.backend)
     return out

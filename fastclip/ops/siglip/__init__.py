@@ -1,8 +1,8 @@
 """SigLIP's sigmoid loss: registry rows, the ``fastclip::siglip_loss_fwd/_bwd`` custom ops and their autograd.
 
 The forward op makes the loss and, when a gradient is wanted, the gradients for an upstream gradient of 1 (the
-loss is elementwise in the logits, so one sweep does both; see ``fastclip/ops/torch_siglip.py`` and
-``fastclip/ops/triton/siglip.py``). The backward op multiplies them by the actual upstream gradient; a backend may
+loss is elementwise in the logits, so one sweep does both; see ``pytorch.py`` and ``triton.py`` beside this
+file). The backward op multiplies them by the actual upstream gradient; a backend may
 leave the text gradient to the backward (Triton does: its transposed launch makes dT there). The ``reference``
 backend bypasses the ops and lets autograd differentiate the naive maths.
 """
@@ -13,39 +13,38 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastclip.functional import _Lazy, as_scalar, check_feature_pair
-from fastclip.ops import reference
-from fastclip.ops.registry import Support, register, select, supports, triton_unavailable
-from fastclip.ops.torch_chunked import acc_dtype
+from fastclip._checks import amp_cast, as_scalar, autocast_dtype, check_chunk_size, check_feature_pair
+from fastclip.dispatch import Lazy, Support, no_bf16_in_interpreter, register, select, supports, triton_unavailable
+from fastclip.ops.contrastive.pytorch import acc_dtype
+from fastclip.ops.siglip import reference
 
 __all__ = ["siglip_loss"]
 
-register(Support("siglip_loss", "reference", impl=reference.siglip_loss_ref))
-register(Support("siglip_loss", "torch",
-                 impl=(_Lazy("fastclip.ops.torch_siglip", "siglip_fwd"),
-                       _Lazy("fastclip.ops.torch_siglip", "siglip_bwd_text"))))
-register(Support("siglip_loss", "triton",
-                 impl=(_Lazy("fastclip.ops.triton.siglip", "siglip_fwd"),
-                       _Lazy("fastclip.ops.triton.siglip", "siglip_bwd_text")),
+OP = "siglip_loss"
+_HERE = __name__
+
+register(Support(OP, "reference", impl=reference.siglip_loss_ref))
+register(Support(OP, "torch", impl=(Lazy(f"{_HERE}.pytorch", "siglip_fwd"),
+                                    Lazy(f"{_HERE}.pytorch", "siglip_bwd_text"))))
+register(Support(OP, "triton", impl=(Lazy(f"{_HERE}.triton", "siglip_fwd"), Lazy(f"{_HERE}.triton", "siglip_bwd_text")),
                  dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), max_dim=2048,
-                 unavailable=triton_unavailable,
-                 extra_checks=(lambda dev, dtype, dim: ["bfloat16 does not run in the Triton interpreter (CPU)"]
-                               if dev == "cpu" and dtype == torch.bfloat16 else [],)))
+                 unavailable=triton_unavailable, extra_checks=(no_bf16_in_interpreter,)))
 
 # backends whose forward leaves dT to the backward (their forward returns an empty (0, D) placeholder)
 _DEFERS_TEXT_GRAD = frozenset({"triton"})
 
 
 def _impl(backend: str, which: int):
-    return supports("siglip_loss")[backend].impl[which]
+    return supports(OP)[backend].impl[which]
 
 
 @torch.library.custom_op("fastclip::siglip_loss_fwd", mutates_args=())
 def _siglip_fwd_op(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor], negative_only: bool,
                    compute_grad: bool, backend: str, chunk_size: int
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    loss, d_image, d_text, d_scale, d_bias = _impl(backend, 0)(image, text, scale, bias, negative_only, compute_grad,
-                                                               chunk_size if chunk_size > 0 else None)
+    with torch.autocast(image.device.type, enabled=False):  # the inputs are already in the dtype to compute in
+        loss, d_image, d_text, d_scale, d_bias = _impl(backend, 0)(image, text, scale, bias, negative_only,
+                                                                   compute_grad, chunk_size if chunk_size > 0 else None)
     d = image.shape[1]
     d_image = d_image.to(image.dtype) if d_image is not None else image.new_empty((0, d))
     d_text = d_text.to(text.dtype) if d_text is not None else text.new_empty((0, d))
@@ -71,8 +70,9 @@ def _siglip_bwd_op(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bia
     if d_text.shape[0] == text.shape[0]:
         gt = (d_text * g).to(text.dtype)
     else:  # deferred by the forward: the backend makes it now, for this g
-        gt = _impl(backend, 1)(grad, image, text, scale, bias, negative_only,
-                               chunk_size if chunk_size > 0 else None).to(text.dtype)
+        with torch.autocast(image.device.type, enabled=False):
+            gt = _impl(backend, 1)(grad, image, text, scale, bias, negative_only,
+                                   chunk_size if chunk_size > 0 else None).to(text.dtype)
     gs = (d_scale * g).reshape(scale.shape).to(scale.dtype)
     gb = (d_bias * g).reshape(bias.shape).to(bias.dtype) if bias is not None else d_bias.new_zeros((0,))
     return gi, gt, gs, gb
@@ -117,19 +117,18 @@ def siglip_block(image_features: Tensor, text_features: Tensor, scale: Tensor, b
     With ``negative_only`` every pair is a negative (a block of another rank's texts). Returns the 0-d loss in the
     features' dtype.
     """
-    row = select("siglip_loss", backend, device=image_features.device, dtype=image_features.dtype,
-                 dim=image_features.shape[1])
-    if row.backend == "reference":
-        return row.impl(image_features, text_features, scale, bias, negative_only=negative_only)
-    loss, *_ = torch.ops.fastclip.siglip_loss_fwd(
-        image_features, text_features, scale, bias, bool(negative_only),
-        _needs_grad(image_features, text_features, scale, bias), row.backend, int(chunk_size or 0))
-    return loss.to(image_features.dtype)
-
-
-def check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    amp = autocast_dtype(image_features.device)
+    image, text = amp_cast(image_features, amp), amp_cast(text_features, amp)
+    # open_clip's SigLipLoss multiplies the autocast-dtype logits by labels in the features' dtype: its loss is in
+    # their promoted dtype (the features' dtype outside autocast)
+    out_dtype = torch.promote_types(image_features.dtype, image.dtype)
+    row = select(OP, backend, device=image.device, dtype=image.dtype, dim=image.shape[1])
+    if row.backend == "reference":  # open_clip's code, autocast included
+        return row.impl(image_features, text_features, scale, bias, negative_only=negative_only).to(out_dtype)
+    loss, *_ = torch.ops.fastclip.siglip_loss_fwd(image, text, scale, bias, bool(negative_only),
+                                                  _needs_grad(image, text, scale, bias), row.backend,
+                                                  int(chunk_size or 0))
+    return loss.to(out_dtype)
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float],
@@ -147,7 +146,10 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Unio
 
     Returns:
         0-d tensor in the features' dtype (accumulated in fp32, or fp64 for fp64 inputs). Values and gradients
-        (features, logit_scale, logit_bias) equal open_clip's ``SigLipLoss`` on one process.
+        (features, logit_scale, logit_bias) equal open_clip's ``SigLipLoss`` on one process. Under
+        ``torch.autocast`` the GEMMs run in the autocast dtype, as open_clip's matmul does, and the loss has
+        open_clip's dtype there (the features' dtype promoted with the autocast dtype); outside autocast fp32 follows ``torch.get_float32_matmul_precision()``
+        (see ``contrastive_loss``).
 
     Maths: S = s I T^T + b, z_ij = 2 [i == j] - 1, loss = -sum_ij log sigmoid(z_ij S_ij) / N;
     dL/dS_ij = (sigmoid(S_ij) - [i == j]) / N. When a gradient is wanted the forward makes it in the same sweep.

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastclip.ops.registry import triton_interpret
-from fastclip.ops.triton.contrastive import (LN2, LOG2E, _input_precision, _logits_tile, _pow2, _scalar, grad_tiles,
+from fastclip.dispatch import triton_interpret
+from fastclip.ops.contrastive.triton import (LN2, LOG2E, _input_precision, _logits_tile, _pow2, _scalar, grad_tiles,
                                             logits_tiles)
 
 

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastclip.ops.torch_chunked import DEFAULT_TILE_ELEMENTS, acc_dtype
+from fastclip.ops.contrastive.pytorch import DEFAULT_TILE_ELEMENTS, acc_dtype
 
 
 def _softplus_(x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastclip.ops.registry import triton_interpret
+from fastclip.dispatch import triton_interpret
 
 # constexpr: compiled kernels may read only constexpr globals (the interpreter does not enforce this)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -205,8 +205,9 @@ def _contrastive_bwd_kernel(
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting: IEEE fp32 by default, tf32 when the user allowed it.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    # fp32 inputs follow torch.get_float32_matmul_precision(), as torch's own matmul: "highest" (the default) is IEEE
+    # fp32; "high" and "medium" (also set by torch.backends.cuda.matmul.allow_tf32 = True) allow TF32.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
 

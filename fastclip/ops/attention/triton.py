@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastclip.ops.registry import triton_interpret
-from fastclip.ops.triton.contrastive import LN2, LOG2E, _input_precision, _pow2
+from fastclip.dispatch import triton_interpret
+from fastclip.ops.contrastive.triton import LN2, LOG2E, _input_precision, _pow2
 
 # compiled kernels may only read globals that are constexpr (the interpreter does not enforce it)
 LOG2E_C = tl.constexpr(LOG2E)

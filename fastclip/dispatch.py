@@ -1,5 +1,9 @@
 """Backends declare what they support, as data; ``select`` picks one and explains every refusal.
 
+Each op lives in its own package, ``fastclip/ops/<op>/``: ``__init__.py`` registers one row per backend, holds the
+custom ops and autograd and the public function; ``reference.py``, ``pytorch.py``, ``triton.py``, ``cuda.py`` are
+the backends (an op that lacks a backend simply has no module for it).
+
 Each op (``"contrastive_loss"``, ``"siglip_loss"``, ``"flash_attention"``, ...) has one :class:`Support` row per
 backend that implements it. A row says which devices and dtypes the backend takes, the largest feature/head
 dimension, and a function that reports why the backend cannot run at all on this machine (extension not built,
@@ -7,22 +11,24 @@ no GPU). ``select(op, backend, device=..., dtype=..., dim=...)`` walks the rows 
 and raises :class:`BackendError` listing each backend and its reasons when nothing fits; an explicitly requested
 backend is never silently replaced.
 
-Adding an op or a backend is adding a row with :func:`register`.
+Adding an op or a backend is adding a row with :func:`register`. ``auto``'s choice between ``cuda`` and ``triton``
+comes from benchmark results committed with the package (:func:`preferred`).
 """
 from __future__ import annotations
 
+import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastclip.ops import choice
-from fastclip.ops import cuda as cuda_backend  # loads the extension now, if built (never while compile traces)
+from fastclip.ops import _extension  # loads the extension now, if built (never while compile traces)
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
 # "auto" tries these in order; reference is the last resort (it materializes N x N). cuda is taken only where a
-# committed benchmark measured it faster than triton (fastclip/ops/choice.py).
+# committed benchmark measured it faster than triton (``preferred``).
 AUTO_ORDER = ("cuda", "triton", "torch", "reference")
 
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -63,7 +69,13 @@ def triton_unavailable() -> Optional[str]:
 
 
 # Why the compiled extension cannot run, or None.
-cuda_ext_unavailable = cuda_backend.unavailable_reason
+cuda_ext_unavailable = _extension.unavailable_reason
+
+
+def no_bf16_in_interpreter(dev: str, dtype: torch.dtype, dim: int) -> List[str]:
+    """Triton's interpreter (the CPU) has no bfloat16 arithmetic."""
+    return ["bfloat16 does not run in the Triton interpreter (CPU)"] if dev == "cpu" and dtype == torch.bfloat16 \
+        else []
 
 
 def cuda_kernel_reasons(dev: str, dtype: torch.dtype, dim: int) -> List[str]:
@@ -80,6 +92,16 @@ def cuda_kernel_reasons(dev: str, dtype: torch.dtype, dim: int) -> List[str]:
 
 # why a backend cannot run at all on this machine (None: it can)
 _BACKEND_UNAVAILABLE = {"triton": triton_unavailable, "cuda": cuda_ext_unavailable}
+
+
+class Lazy:
+    """A backend function imported on first call, so that e.g. triton is imported only when a triton kernel runs."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args, **kwargs):
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -129,20 +151,15 @@ def register(support: Support) -> Support:
 
 
 def supports(op: str) -> Dict[str, Support]:
-    _load_all()
+    """The rows of ``op`` (registered when its package, ``fastclip.ops.<op>``, is imported: ``import fastclip``
+    imports every op)."""
     if op not in _REGISTRY:
         raise KeyError(f"unknown op {op!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[op]
 
 
 def ops() -> List[str]:
-    _load_all()
     return sorted(_REGISTRY)
-
-
-def _load_all() -> None:
-    # Importing the op modules registers their rows. Kept lazy so ``import fastclip`` stays cheap.
-    import fastclip.functional  # noqa: F401
 
 
 def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Support:
@@ -154,21 +171,22 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Suppor
     table = supports(op)
     if backend is None:
         backend = "auto"
+    source, via = f"backend={backend!r}", ""
     if backend == "auto":
         env = os.environ.get("FASTCLIP_BACKEND", "").strip()
         if env and env != "auto":
-            backend = env
+            backend, source, via = env, f"FASTCLIP_BACKEND={env!r} (environment variable)", " (FASTCLIP_BACKEND)"
     if backend != "auto":
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not one of {('auto',) + BACKENDS}")
+            raise ValueError(f"{source} is not one of {('auto',) + BACKENDS}")
         if backend not in table:
             why = _BACKEND_UNAVAILABLE.get(backend, lambda: None)()
-            raise BackendError(f"{op}: backend {backend!r} has no implementation of this op in this version "
+            raise BackendError(f"{op}: backend {backend!r}{via} has no implementation of this op in this version "
                                f"(implemented by: {', '.join(table)})" + (f"; besides, {why}" if why else ""))
         row = table[backend]
         reasons = row.not_supported_reasons(device, dtype, dim)
         if reasons:
-            raise BackendError(f"{op}: backend {backend!r} cannot run these inputs "
+            raise BackendError(f"{op}: backend {backend!r}{via} cannot run these inputs "
                                f"(device={device}, dtype={dtype}, {row.dim_name}={dim}): " + "; ".join(reasons))
         return row
     refusals = []
@@ -177,7 +195,7 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Suppor
         if row is None:
             continue
         if name == "cuda" and not row.unavailable():
-            if choice.preferred(op, device, dtype, dim) != "cuda":
+            if preferred(op, device, dtype, dim) != "cuda":
                 refusals.append("  cuda: skipped by auto: no committed benchmark shows it faster than triton for "
                                 "these inputs (fastclip/data/backend_choice.json)")
                 continue
@@ -191,3 +209,54 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Suppor
         refusals.append(f"  {name}: " + "; ".join(reasons))
     raise BackendError(f"{op}: no backend can run these inputs (device={device}, dtype={dtype}, dim={dim}):\n"
                        + "\n".join(refusals))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# auto's measured choice between "cuda" and "triton".
+#
+# Both backends run the same ops on the same GPUs; neither is assumed faster. fastclip/data/backend_choice.json
+# lists, per op, GPU architecture, dtype and dimension bucket, the backend that measured faster (forward+backward
+# median) and the CSV rows that showed it; benchmarks/choose_backends.py writes it from result CSVs. Where the table
+# has no entry, auto keeps "triton" (the kernels with the longer record); "cuda" is chosen only on evidence.
+
+CHOICE_TABLE = os.path.join(os.path.dirname(__file__), "data", "backend_choice.json")
+
+
+def _read() -> list:
+    try:
+        with open(CHOICE_TABLE) as f:
+            return json.load(f).get("entries", [])
+    except FileNotFoundError:
+        return []
+
+
+# read once at import: select() runs inside torch.compile's trace, where file I/O would break the graph
+_CACHE = {"entries": _read()}
+
+
+def choice_table() -> list:
+    return _CACHE["entries"]
+
+
+def device_arch(device) -> str:
+    """'sm_90' for a CUDA device (cached per index), '' otherwise."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CACHE:
+        major, minor = torch.cuda.get_device_capability(idx)
+        _CACHE[idx] = f"sm_{major}{minor}"
+    return _CACHE[idx]
+
+
+def preferred(op: str, device, dtype: torch.dtype, dim: int) -> Optional[str]:
+    """The measured-faster backend for these inputs, or None when nothing was measured."""
+    arch = device_arch(device)
+    name = str(dtype).replace("torch.", "")
+    best = None
+    for e in choice_table():
+        if e["op"] == op and e["arch"] == arch and e["dtype"] == name and dim <= e["dim_max"]:
+            if best is None or e["dim_max"] < best["dim_max"]:
+                best = e
+    return best["backend"] if best else None

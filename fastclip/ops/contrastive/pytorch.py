@@ -1,7 +1,7 @@
 """Memory-linear PyTorch path for any device (the CPU default).
 
 Works on row chunks of the logits, ``chunk`` x N at a time, so peak memory is O(N * D + chunk * N); the N x N
-matrix never exists. The maths is that of the Triton kernels (see ``fastclip/ops/triton/contrastive.py``):
+matrix never exists. The maths is that of the Triton kernels (see ``fastclip/ops/contrastive/triton.py``):
 
     S = s * A @ B.T + b                                 (never stored whole)
     r_i = logsumexp_j S_ij,  c_j = logsumexp_i S_ij      (row and column log-sum-exp, each kept as a max m

@@ -1,1 +1,0 @@
-"""Triton kernels and their launchers. Importing this package imports triton."""
