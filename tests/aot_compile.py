@@ -42,10 +42,10 @@ def signature(kernel, dtype, constexprs):
     return sig
 
 
-def compile_one(kernel, dtype, cfg, arch):
+def compile_one(kernel, dtype, cfg, arch, sig=None):
     cfg = dict(cfg)
     opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-    src = ASTSource(kernel, signature(kernel, dtype, cfg),
+    src = ASTSource(kernel, sig or signature(kernel, dtype, cfg),
                     constexprs={(kernel.arg_names.index(k),): v for k, v in cfg.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

@@ -183,9 +183,16 @@ def test_eval_zeroshot_and_retrieval(setup, tmp_path, capsys):
     assert set(res) >= {"image_retrieval_recall@1", "text_retrieval_recall@5"}
 
 
-def test_run_folder(setup, tmp_path, capsys):
-    """A fastclip train run folder: config.json with a model key, checkpoints/last.pt holding {"model": ...}."""
+def test_run_folder(setup, tmp_path, capsys, monkeypatch):
+    """A fastclip train run folder: config.json with a model key, checkpoints/last.pt holding {"model": ...}; the
+    model built by fastclip.train.models (stood in for here by a module with its interface)."""
+    import sys
+    import types
+
     root, images, ckpt = setup
+    train_models = types.SimpleNamespace(TINY_MODELS={"tiny-test": {}}, build_model=lambda name: tiny_model(seed=1))
+    monkeypatch.setitem(sys.modules, "fastclip.train", types.SimpleNamespace(models=train_models))
+    monkeypatch.setitem(sys.modules, "fastclip.train.models", train_models)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"model": "tiny-test", "lr": 1e-3}))
@@ -194,7 +201,10 @@ def test_run_folder(setup, tmp_path, capsys):
     assert main(["classify", path, "--labels", "a,b", "--run", str(run), "--json", "--template", "{}"]) == 0
     via_run = json.loads(capsys.readouterr().out)
     assert main(["classify", path, "--labels", "a,b", *_model(ckpt), "--json", "--template", "{}"]) == 0
-    assert json.loads(capsys.readouterr().out) == via_run
+    assert json.loads(capsys.readouterr().out) == via_run  # the run's weights, not build_model's seed-1 ones
+    (run / "config.json").write_text(json.dumps({"model": "unknown-model"}))
+    with pytest.raises(SystemExit, match="'unknown-model'.*neither"):
+        main(["classify", path, "--labels", "a", "--run", str(run)])
     with pytest.raises(SystemExit, match="give --act"):
         main(["classify", path, "--labels", "a", "--pretrained", ckpt])
     with pytest.raises(SystemExit, match="no config.json"):

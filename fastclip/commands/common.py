@@ -1,14 +1,13 @@
 """What the commands share: the model options, loading a model, and embedding images and texts in batches.
 
 A model comes from ``--model NAME --pretrained FILE`` (a ``fastclip.list_models()`` name and a checkpoint file),
-from ``--pretrained FILE --act quickgelu|gelu`` (the architecture inferred from the checkpoint's tensor shapes; the
-shapes do not tell the activation, so it must be given: OpenAI's releases and open_clip's ``-quickgelu`` models use
+from ``--pretrained FILE --act quickgelu|gelu`` (the architecture inferred from the checkpoint's tensor shapes, with
+64-wide attention heads as in every OpenAI and open_clip config; the shapes do not tell the activation, so it must be given: OpenAI's releases and open_clip's ``-quickgelu`` models use
 QuickGELU, open_clip's other models GELU), or from ``--run DIR``: a ``fastclip train`` run folder, that is a directory containing
 ``config.json`` with a ``model`` key and a checkpoint file (``checkpoints/last.pt``, else the newest ``*.pt`` in the
 folder or in ``checkpoints/``); the checkpoint's weights are its ``model`` or ``state_dict`` entry, or the file
-itself when it is a plain state dict. A run's model name that is neither a ``fastclip.list_models()`` name nor one of
-``fastclip train``'s own configs is read from the checkpoint's shapes with GELU, the activation ``fastclip train``
-builds such models with.
+itself when it is a plain state dict. The run's model name must be a ``fastclip.list_models()`` name or one of
+``fastclip train``'s own configs (``fastclip.train.models``).
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import argparse
 import glob
 import json
 import os
-import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -69,9 +67,9 @@ def _run_checkpoint(run: str) -> Tuple[str, str]:
     return name, found[-1]
 
 
-def _state_dict(path: str, trusted: bool) -> dict:
+def _run_state_dict(path: str) -> dict:
     # a run folder is the user's own training output: its checkpoint also pickles optimizer and RNG states
-    ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("model", "state_dict"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return ckpt[key]
@@ -81,33 +79,33 @@ def _state_dict(path: str, trusted: bool) -> dict:
 def load_model(spec: dict, device: str = "cpu"):
     """(model in eval mode on ``device``, tokenizer, preprocess) for a spec from :func:`model_spec`."""
     import fastclip
-    from fastclip.models import load_checkpoint
+    from fastclip.models import load_checkpoint, read_checkpoint
 
     if "run" in spec:
         name, path = _run_checkpoint(spec["run"])
-        sd = _state_dict(path, trusted=True)
+        sd = _run_state_dict(path)
     else:
         name, path, sd = spec.get("model"), spec["pretrained"], None
+    train = _train_models()
     if name and name in fastclip.list_models():
         model = fastclip.create_model(name)
         load_checkpoint(model, sd if sd is not None else path)
-    elif name and _train_builder() is not None and name in _train_builder().TINY_MODELS:
-        model = _train_builder().build_model(name)
+    elif name and train is not None and name in train.TINY_MODELS:
+        model = train.build_model(name)
         load_checkpoint(model, sd if sd is not None else path)
-    elif name and "run" not in spec:
-        raise SystemExit(f"--model {name!r} is unknown; see fastclip.list_models()")
-    else:
-        # --pretrained alone, or a run whose model name this version does not know: read the shapes
-        if name:
-            print(f"note: model {name!r} is not a known name; architecture read from {path} (GELU)", file=sys.stderr)
-        model = fastclip.create_model_from_state_dict(sd if sd is not None else _state_dict(path, trusted=False),
-                                                      quick_gelu=spec.get("act") == "quickgelu")
+    elif name:
+        where = f"config.json of {spec['run']}" if "run" in spec else "--model"
+        raise SystemExit(f"model {name!r} ({where}) is neither a fastclip.list_models() name nor a fastclip train "
+                         f"config in this version")
+    else:  # --pretrained with --act: the architecture from the shapes (64-wide attention heads, as OpenAI's)
+        model = fastclip.create_model_from_state_dict(read_checkpoint(path)[0], quick_gelu=spec["act"] == "quickgelu")
     model = model.to(device).eval()
     size = getattr(model.visual, "image_size", 224)
     return model, fastclip.tokenize, fastclip.image_transform(size)
 
 
-def _train_builder():
+def _train_models():
+    """``fastclip.train.models`` (its ``TINY_MODELS`` configs and ``build_model(name)``), where installed."""
     try:
         from fastclip.train import models
     except ImportError:

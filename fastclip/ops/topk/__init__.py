@@ -14,8 +14,9 @@ from torch import Tensor
 
 from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor
 from fastclip.dispatch import Lazy, Support, no_bf16_in_interpreter, register, select, supports, triton_unavailable
+from fastclip.ops.contrastive.pytorch import acc_dtype
 from fastclip.ops.topk.pytorch import merge_topk
-from fastclip.ops.topk.reference import acc_dtype, topk_similarity_ref
+from fastclip.ops.topk.reference import topk_similarity_ref
 
 __all__ = ["topk_similarity"]
 

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastclip.ops.topk.reference import acc_dtype
+from fastclip.ops.contrastive.pytorch import acc_dtype
 
 DEFAULT_TILE_ELEMENTS = 1 << 22  # scores per tile: 16 MB in fp32
 DEFAULT_BLOCK_Q = 1024

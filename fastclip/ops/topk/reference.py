@@ -9,9 +9,7 @@ from typing import Tuple
 
 import torch
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastclip.ops.contrastive.pytorch import acc_dtype
 
 
 def topk_similarity_ref(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
