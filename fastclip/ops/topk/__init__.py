@@ -130,7 +130,8 @@ def topk_similarity(queries: Tensor, gallery: Tensor, k: int, *, backend: str = 
     Memory beyond the inputs: O(Q * k) ("triton"), plus one score tile of about 4M elements and a converted
     gallery tile ("torch"); "reference" materializes (Q, G).
 
-    Gradient: the values are differentiable with respect to queries and gallery (the indices are not).
+    Gradient: the values are differentiable with respect to queries and gallery (the indices are not); the
+    backward gathers the chosen gallery rows, O(Q * k * D).
 
     Equivalent PyTorch::
 
