@@ -56,10 +56,13 @@ class ContrastiveLoss(_PairLoss):
     ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)`` returns a 0-d
     tensor, or ``{"contrastive_loss": loss}`` with ``output_dict=True``. ``logit_scale`` arrives exponentiated.
 
+    The positional arguments are ``ClipLoss``'s, in its order: ``local_loss``, ``gather_with_grad``,
+    ``cache_labels`` (accepted for compatibility; fastclip never builds labels), ``rank``, ``world_size``,
+    ``use_horovod`` (only False: fastclip communicates through torch.distributed; True raises ValueError).
     Keyword-only extras: ``backend`` ("auto", "reference", "torch", "triton", "cuda"), ``chunk_size`` (rows per
     chunk on the "torch" backend), ``label_smoothing`` (``F.cross_entropy``'s meaning, both directions),
     ``dist_impl`` (None: open_clip's all_gather; "ring": see below) and ``group`` (a torch.distributed process
-    group; None: the default one). ``cache_labels`` is accepted for compatibility; fastclip never builds labels.
+    group; None: the default one).
 
     With ``world_size > 1`` (torch.distributed initialized; every rank the same batch size, dim and dtype, else every
     rank raises ValueError), per rank r, W = world_size, L = the loss of the global batch:
@@ -77,8 +80,12 @@ class ContrastiveLoss(_PairLoss):
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, *, backend: str = "auto", chunk_size: Optional[int] = None,
-                 label_smoothing: float = 0.0, dist_impl: Optional[str] = None, group=None):
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, backend: str = "auto",
+                 chunk_size: Optional[int] = None, label_smoothing: float = 0.0, dist_impl: Optional[str] = None,
+                 group=None):
+        if use_horovod:
+            raise ValueError("use_horovod=True: fastclip's losses communicate through torch.distributed only; "
+                             "launch with torchrun (open_clip_train without --horovod)")
         super().__init__(cache_labels, rank, world_size, dist_impl, backend, chunk_size, group)
         if dist_impl not in (None, "gather", "ring"):
             raise ValueError(f"dist_impl={dist_impl!r}: expected None (open_clip's all_gather) or 'ring'")
@@ -136,7 +143,9 @@ class SigLIPLoss(_PairLoss):
 
     ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)`` returns a 0-d tensor, or
     ``{"contrastive_loss": loss}`` (open_clip's key). ``logit_scale`` arrives exponentiated; ``logit_bias`` may be
-    None. Keyword-only extras: ``backend``, ``chunk_size`` (as ContrastiveLoss), ``group`` (process group).
+    None. The positional arguments are ``SigLipLoss``'s, in its order (``cache_labels``, accepted for
+    compatibility, ``rank``, ``world_size``, ``dist_impl``). Keyword-only extras: ``backend``, ``chunk_size`` (as
+    ContrastiveLoss), ``group`` (process group).
 
     Maths, one process: S = s I T^T + b, loss = -sum_ij log sigmoid(z_ij S_ij) / N, z = +1 on the diagonal, else -1.
 
