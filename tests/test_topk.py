@@ -257,7 +257,9 @@ def test_autocast_scores_in_the_autocast_dtype():
         v_chunked, i_chunked = fastclip.topk_similarity(q, g, 7, backend="torch", gallery_chunk=13)
     rv, ri = fastclip.topk_similarity(q.bfloat16(), g.bfloat16(), 7, backend="torch")
     assert torch.equal(v, rv) and torch.equal(i, ri)
-    assert torch.equal(v_chunked, rv) and torch.equal(i_chunked, ri)
+    # other GEMM shapes may sum the (exact) bf16 products in another order: the last fp32 bit may differ
+    torch.testing.assert_close(v_chunked, rv, atol=1e-5, rtol=1e-6)
+    assert torch.equal(i_chunked, ri)
 
 
 
