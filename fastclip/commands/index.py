@@ -167,7 +167,8 @@ def search_main(argv=None) -> int:
         raise SystemExit(f"the model embeds in {q.shape[1]} dims, the index in {gallery.shape[1]}")
     import fastclip
 
-    scores, idx = fastclip.topk_similarity(q.cpu(), gallery, min(args.top, len(paths)))
+    # on a GPU the host gallery is streamed to the device in chunks
+    scores, idx = fastclip.topk_similarity(q, gallery, min(args.top, len(paths)))
     hits = [(paths[i], float(s)) for s, i in zip(scores[0].tolist(), idx[0].tolist())]
     if args.json:
         print(json.dumps([{"rank": r + 1, "score": s, "path": h} for r, (h, s) in enumerate(hits)], indent=1))
