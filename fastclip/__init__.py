@@ -20,12 +20,14 @@ __version__ = "0.1.0"
 __all__ = ["ContrastiveLoss", "SigLIPLoss", "contrastive_loss", "siglip_loss", "flash_attention", "topk_similarity",
            "BackendError",
            "__version__", "create_model", "create_model_from_state_dict", "list_models", "tokenize",
-           "image_transform"]
+           "get_tokenizer", "image_transform", "from_open_clip", "to_open_clip"]
 
 # Imported on first use: the models, the tokenizer (ftfy, regex, a 1.3 MB merges file) and PIL are not needed by
 # users of the losses alone.
 _LAZY = {"create_model": "fastclip.models", "create_model_from_state_dict": "fastclip.models",
-         "list_models": "fastclip.models", "tokenize": "fastclip.tokenizer", "image_transform": "fastclip.transforms"}
+         "list_models": "fastclip.models", "tokenize": "fastclip.tokenizer", "get_tokenizer": "fastclip.tokenizer",
+         "image_transform": "fastclip.transforms", "from_open_clip": "fastclip.models",
+         "to_open_clip": "fastclip.models"}
 
 
 def __getattr__(name):

@@ -21,11 +21,13 @@ from open_clip.model import convert_weights_to_lp as oc_convert_weights_to_lp  #
 
 import fastclip  # noqa: E402
 import fastclip.functional as functional  # noqa: E402
-from fastclip.models import (CLIP, CheckpointError, create_model, create_model_from_state_dict,  # noqa: E402
-                             infer_config, list_models, load_checkpoint, read_checkpoint)
+from fastclip.models import (CLIP, CheckpointError, build_model_from_config, create_model,  # noqa: E402
+                             create_model_from_state_dict, infer_config, list_models, load_checkpoint,
+                             read_checkpoint)
 from fastclip.models import configs as fc_configs  # noqa: E402
 from fastclip.models.configs import MODEL_CONFIGS, get_model_config  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
+from tests.open_clip_ref import image_size, oc_model, reduced_config, text_inputs  # noqa: E402
 
 class _Recorder:
     def __init__(self, fn):
@@ -47,37 +49,23 @@ def flash(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # Reduced configs of every family
 
-def reduced_config(name: str) -> dict:
-    """The named config at small width and depth, keeping what distinguishes the family: patch size, head width,
-    MLP ratio, activation, ResNet vs ViT."""
-    cfg = get_model_config(name)
-    v, t = cfg["vision_cfg"], cfg["text_cfg"]
-    if isinstance(v["layers"], (list, tuple)):
-        v.update(layers=[1, 1, 1, 1], width=8, image_size=64)  # grid 2x2; 4 heads of 64 in the attention pool
-    else:
-        hw = v.get("head_width", 64)
-        v.update(layers=2, width=2 * hw, image_size=3 * v["patch_size"])  # 2 heads, 3x3 patches + class token
-    t.update(width=64, heads=2, layers=2)
-    cfg["embed_dim"] = 48
-    return cfg
-
-
-FAMILIES = [n for n in list_models()]
+# one name per distinct set of options (the every-name walk is tests/test_open_clip_configs.py)
+FAMILIES = ["RN50", "RN50-quickgelu", "ViT-B-32", "ViT-B-32-quickgelu", "ViT-H-14", "ViT-g-14", "ViT-e-14",
+            "ViT-M-16-alt", "ViT-L-14-CLIPA", "ViT-H-14-worldwide", "ViT-B-16-SigLIP", "ViT-B-16-SigLIP2",
+            "ViT-B-32-SigLIP2-256", "ViT-SO400M-14-SigLIP", "ViT-SO400M-16-SigLIP-i18n-256"]
 
 
 def _pair(cfg: dict, attn_impl: str, **kw):
     """(open_clip model, fastclip model) with the same weights: open_clip's random init loaded into fastclip."""
-    ref = OCLIP(**cfg, **kw)
-    model = CLIP(**cfg, attn_impl=attn_impl, **kw)
+    ref = oc_model(cfg, **kw)
+    model = build_model_from_config(cfg, attn_impl=attn_impl, **kw)
     model.load_state_dict(ref.state_dict(), strict=True)
     return ref, model
 
 
 def _inputs(cfg: dict, batch: int = 3):
-    size = cfg["vision_cfg"]["image_size"]
-    image = torch.randn(batch, 3, size, size)
-    text = fastclip.tokenize(["a photo of a cat", "", "a diagram " * 40][:batch] + ["x"] * max(0, batch - 3))
-    return image, text
+    size = image_size(cfg)
+    return torch.randn(batch, 3, size, size), text_inputs(cfg, batch)
 
 
 def _compare(ref, model, image, text, rtol=1e-5, atol=1e-6, encode=True):
@@ -110,54 +98,55 @@ def test_family_matches_open_clip(name, flash):
         _compare(ref, model, image, text, encode=False)
     assert flash.calls, "attn_impl='fastclip' never called fastclip.functional.flash_attention"
     # and back: fastclip's state dict loads strictly into open_clip
-    OCLIP(**cfg).load_state_dict(model.state_dict(), strict=True)
+    oc_model(cfg).load_state_dict(model.state_dict(), strict=True)
 
 
 def test_config_names_and_fields_equal_open_clip():
+    """fastclip's configs are open_clip's JSON files, unchanged."""
     names = list_models()
-    for base in ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14",
-                 "ViT-L-14-336", "ViT-H-14", "ViT-g-14", "ViT-bigG-14"):
-        assert base in names
     oc_names = set(open_clip.list_models())
+    assert names and set(names) <= oc_names
     for name in names:
-        assert name in oc_names, name
-        ours, theirs = get_model_config(name), open_clip.get_model_config(name)
-        assert ours["embed_dim"] == theirs["embed_dim"]
-        assert bool(ours.get("quick_gelu", False)) == bool(theirs.get("quick_gelu", False)), name
-        for key in ("vision_cfg", "text_cfg"):
-            for field, value in ours[key].items():
-                assert theirs[key].get(field, value) == value, (name, key, field)
-            for field, value in theirs[key].items():
-                assert ours[key].get(field, value) == value, (name, key, field)
-    oc_quick = {n for n in oc_names if n.endswith("-quickgelu") and n[:-len("-quickgelu")] in MODEL_CONFIGS}
-    assert oc_quick <= set(names)
+        assert get_model_config(name) == open_clip.get_model_config(name), name
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ["ViT-bigG-14", "ViT-e-14", "ViT-gopt-16-SigLIP2-384", "ViT-SO400M-14-SigLIP-378",
+                                  "RN50x64"])
 def test_full_size_state_dict_keys_and_shapes(name):
-    """Full-size models on the meta device: keys and shapes equal open_clip's; the shapes infer the config back."""
-    cfg = get_model_config(name)
+    """Full-size models on the meta device: keys and shapes equal open_clip's; the shapes, with the head counts and
+    activation filled in, give the config back."""
     with torch.device("meta"):
-        ref_sd = OCLIP(**open_clip.get_model_config(name)).state_dict()
-        model = CLIP(**cfg)
+        ref_sd = open_clip.create_model(name, device="meta").state_dict()
+        model = create_model(name)
     sd = model.state_dict()
     assert list(sd) and set(sd) == set(ref_sd)
     bad = [k for k in sd if sd[k].shape != ref_sd[k].shape]
     assert not bad, bad[:5]
-    inferred = infer_config(sd, quick_gelu=bool(cfg.get("quick_gelu")))
+    inferred = infer_config(sd)
+    cfg = get_model_config(name)
+    assert inferred["quick_gelu"] is None and inferred["text_cfg"]["heads"] is None
+    if "timm_model_name" in cfg["vision_cfg"]:
+        assert inferred["vision_cfg"]["timm_model_name"] is None
+        inferred["vision_cfg"]["timm_model_name"] = cfg["vision_cfg"]["timm_model_name"]
+    else:
+        assert inferred["vision_cfg"]["head_width"] is None
+        inferred["vision_cfg"]["head_width"] = cfg["vision_cfg"].get("head_width", 64)
+        if not isinstance(cfg["vision_cfg"]["layers"], list):  # a ViT (not OpenAI's ResNet)
+            assert inferred["vision_cfg"]["pool_type"] is None
+            inferred["vision_cfg"]["pool_type"] = cfg["vision_cfg"].get("pool_type", "tok")
+    inferred["text_cfg"]["heads"] = cfg["text_cfg"]["heads"]
+    for k in ("no_causal_mask", "pool_type"):  # shapes say nothing here
+        assert inferred["text_cfg"][k] is None
+        inferred["text_cfg"][k] = cfg["text_cfg"].get(k, getattr(fastclip.models.TextCfg(), k))
     with torch.device("meta"):
-        again = CLIP(**inferred).state_dict()
+        again = build_model_from_config(inferred).state_dict()
     assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in sd.items()}
-    v = cfg["vision_cfg"]
-    if not isinstance(v["layers"], list):
-        assert inferred["vision_cfg"].get("head_width", 64) == v.get("head_width", 64)
-    assert inferred["text_cfg"]["heads"] == cfg["text_cfg"]["heads"]
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
 def test_full_size_forward(name):
     model = create_model(name, attn_impl="sdpa").eval()
-    ref = OCLIP(**open_clip.get_model_config(name)).eval()
+    ref = open_clip.create_model(name).eval()
     ref.load_state_dict(model.state_dict(), strict=True)
     image = torch.randn(1, 3, 224, 224)
     text = fastclip.tokenize(["a photo of a dog"])
@@ -410,7 +399,9 @@ def test_openai_torchscript_archive(tmp_path, family):
     src = _openai_torchscript_archive(path, cfg)
     sd, fmt = read_checkpoint(path)
     assert fmt == "torchscript" and "input_resolution" in sd and sd["text_projection"].dtype == torch.float16
-    model = create_model_from_state_dict(sd, attn_impl="sdpa").eval()
+    with pytest.raises(CheckpointError, match="model_name= or config="):
+        create_model_from_state_dict(sd)
+    model = create_model_from_state_dict(sd, config={**cfg, "quick_gelu": True}, attn_impl="sdpa").eval()
     _same_weights(model, src, skip=("input_resolution", "context_length", "vocab_size"))
     # open_clip's own OpenAI loader reads the same archive; both give the same features
     ref = open_clip.load_openai_model(str(path), precision="fp32", device="cpu").eval()
@@ -428,12 +419,41 @@ def test_openai_torchscript_archive(tmp_path, family):
 def test_create_model_from_state_dict_formats():
     cfg = reduced_config("ViT-L-14")
     ref = OCLIP(**cfg, init_logit_bias=-5.0)
-    sd = {"module." + k: v.half() for k, v in ref.state_dict().items()}
+    sd = {"module._orig_mod." + k: v.half() for k, v in ref.state_dict().items()}
     sd.update(input_resolution=torch.tensor(42), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
-    model = create_model_from_state_dict(sd, quick_gelu=False, attn_impl="sdpa", precision="fp16")
+    model = create_model_from_state_dict(sd, config={**cfg, "init_logit_bias": 0.0}, attn_impl="sdpa",
+                                         precision="fp16")
     assert model.logit_bias is not None and model.visual.conv1.weight.dtype == torch.float16
     assert model.visual.patch_size == (14, 14) and model.visual.image_size == (42, 42)
-    assert model.visual.transformer.resblocks[0].attn.heads == 2  # head width borrowed from ViT-L-14 (64)
+    assert model.visual.transformer.resblocks[0].attn.heads == 2
+
+
+def test_create_model_from_state_dict_never_guesses():
+    """Shapes do not tell the activation or the head count: without model_name= or config= it raises, naming the
+    built-in configs with those shapes; a wrong head count given explicitly is what the user asked for."""
+    ref = open_clip.create_model("ViT-B-32", device="meta")
+    sd = {k: torch.empty_like(v, device="meta") for k, v in ref.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"activation.*head counts.*ViT-B-32, ViT-B-32-quickgelu"):
+        create_model_from_state_dict(sd)
+    cfg = reduced_config("ViT-B-32")
+    cfg["text_cfg"]["width"] = 96  # no built-in config has these shapes
+    small = OCLIP(**cfg).state_dict()
+    with pytest.raises(CheckpointError, match="no built-in config has these shapes.*infer_config"):
+        create_model_from_state_dict(small)
+    with pytest.raises(ValueError, match="not both"):
+        create_model_from_state_dict(small, "ViT-B-32", config=cfg)
+    model = create_model_from_state_dict(small, config=cfg, attn_impl="sdpa")
+    assert model.transformer.resblocks[0].attn.heads == 2
+    assert torch.equal(model.state_dict()["visual.proj"], small["visual.proj"])
+
+
+def test_clean_state_dict_strips_nested_prefixes_in_any_order():
+    from fastclip.models import clean_state_dict
+
+    x = torch.zeros(1)
+    for key in ("_orig_mod.module.x", "module._orig_mod.x", "module.module._orig_mod.module.x", "x"):
+        assert list(clean_state_dict({key: x})) == ["x"], key
+    assert list(clean_state_dict({"module.input_resolution": x, "y": x})) == ["y"]
 
 
 def test_missing_file_error(tmp_path):
@@ -469,7 +489,8 @@ def test_mismatched_checkpoint_errors(tmp_path, tiny_name):
 
 
 def test_exports():
-    for name in ("create_model", "create_model_from_state_dict", "list_models", "tokenize", "image_transform"):
+    for name in ("create_model", "create_model_from_state_dict", "list_models", "tokenize", "image_transform",
+                 "get_tokenizer", "from_open_clip", "to_open_clip"):
         assert callable(getattr(fastclip, name))
     assert fastclip.list_models() == list_models()
 
@@ -480,10 +501,11 @@ def test_towers_benchmark_cpu_smoke(tmp_path, capsys):
 
     assert BENCHES["towers"] == "fastclip.bench.towers"
     csv = tmp_path / "towers.csv"
-    assert towers.main(["--device", "cpu", "--tower", "tiny-vit", "tiny-text", "--rep", "1", "--csv", str(csv)]) == 0
+    tiny = ("tiny-vit", "tiny-text", "tiny-siglip")
+    assert towers.main(["--device", "cpu", "--tower", *tiny, "--rep", "1", "--csv", str(csv)]) == 0
     from fastclip.bench.common import read_csv
 
     rows = read_csv(str(csv))
     assert {(r["provider"], r["shape"]) for r in rows} == {(p, f"{t},B=2") for p in ("fastclip", "open_clip")
-                                                          for t in ("tiny-vit", "tiny-text")}
+                                                          for t in tiny}
     assert all(float(r["ms_p50"]) > 0 for r in rows)

@@ -12,6 +12,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 import fastclip  # noqa: E402
+from fastclip.models import get_model_config  # noqa: E402
 from fastclip.tokenizer import Tokenizer, decode, default_bpe_path, tokenize  # noqa: E402
 
 HARD = [
@@ -106,3 +107,95 @@ def test_at_least_as_fast_as_open_clip():
 
     ours, ref = best(tokenize), best(open_clip.tokenize)
     assert ours <= ref, f"fastclip {ours * 1e3:.0f} ms vs open_clip {ref * 1e3:.0f} ms for {len(texts)} texts"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer files (SigLIP's SentencePiece Unigram, BERT's WordPiece), against open_clip's HFTokenizer
+
+CORPUS = ["a photo of a cat", "A PHOTO of two dogs, running!", "the quick brown fox jumps over the lazy dog",
+          "snake_case words and ALL-CAPS", "naïve café", "numbers 123 and 4.5", "a diagram of a neural network"] * 4
+QUERIES = CORPUS[:7] + ["", "   ", "Hello, World!!!", "unseen vocabulary xyzzy qwerty", "word " * 40,
+                        "&amp; html &lt;b&gt;", "tabs\tand\nnewlines", "snake_case_text"]
+
+
+def _siglip_like(folder):
+    """A tiny T5/SigLIP-style tokenizer: Unigram over Metaspace pieces, '</s>' appended, '<pad>' padding."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                             unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    _write_config(folder, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _bert_like(folder):
+    """A tiny BERT-style tokenizer: lower-cased WordPiece, [CLS] ... [SEP], [PAD] padding."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    _write_config(folder, pad_token="[PAD]", sep_token="[SEP]", cls_token="[CLS]", unk_token="[UNK]")
+
+
+def _write_config(folder, **tokens):
+    import json
+
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1000000, **tokens}, f)
+
+
+@pytest.mark.parametrize("model_name, make, kwargs", [
+    ("ViT-B-16-SigLIP", _siglip_like, {}),                               # clean="canonicalize" from its config
+    ("ViT-B-16-SigLIP", _siglip_like, {"clean": "whitespace"}),
+    ("ViT-L-14-CLIPA", _bert_like, {}),                                  # strip_sep_token=True from its config
+    ("ViT-L-14-CLIPA", _bert_like, {"strip_sep_token": False, "clean": "lower"}),
+])
+def test_hf_tokenizer_file_equals_open_clip(tmp_path, model_name, make, kwargs):
+    pytest.importorskip("transformers")
+    from open_clip.tokenizer import HFTokenizer
+
+    make(str(tmp_path))
+    cfg = get_model_config(model_name)["text_cfg"]
+    ref = HFTokenizer(str(tmp_path), context_length=cfg["context_length"],
+                      **{**cfg.get("tokenizer_kwargs", {}), **kwargs})
+    ours = fastclip.get_tokenizer(model_name, tokenizer_file=tmp_path / "tokenizer.json", **kwargs)
+    assert ours.context_length == cfg["context_length"]
+    for texts in (QUERIES, QUERIES[:1], "a single string"):
+        torch.testing.assert_close(ours(texts), ref(texts), rtol=0, atol=0)
+    for n in (2, 3, 8):  # truncation keeps the special tokens
+        torch.testing.assert_close(ours(QUERIES, context_length=n), ref(QUERIES, context_length=n), rtol=0, atol=0)
+    if make is _bert_like:  # [CLS] and [SEP] do not fit in one position: transformers fails, so does fastclip
+        with pytest.raises(ValueError, match="special tokens"):
+            ours(QUERIES, context_length=1)
+
+
+def test_get_tokenizer_errors(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer_file="):
+        fastclip.get_tokenizer("ViT-B-16-SigLIP")
+    with pytest.raises(ValueError, match="raw SentencePiece model"):
+        fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path / "spiece.model")
+    with pytest.raises(FileNotFoundError, match="downloads nothing"):
+        fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path / "missing.json")
+    _siglip_like(str(tmp_path))
+    os.remove(tmp_path / "tokenizer_config.json")
+    with pytest.raises(ValueError, match="pad_token="):
+        fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path)
+    tok = fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path, pad_token="<pad>")
+    assert tok("a cat").shape == (1, 64) and tok.pad_token_id == 0
+    with pytest.raises(ValueError, match="clean"):
+        fastclip.get_tokenizer("ViT-B-16-SigLIP", tokenizer_file=tmp_path, pad_token="<pad>", clean="bogus")
+    # OpenAI's vocabulary: the BPE tokenizer, with the config's context length
+    assert fastclip.get_tokenizer("ViT-B-32") is fastclip.get_tokenizer()

@@ -8,9 +8,12 @@ provider. Reported: p20/p50/p80 ms, the peak memory one step adds beyond the wei
 
 Providers: ``fastclip`` (attention through ``fastclip.flash_attention`` when this build has it, else PyTorch's
 SDPA, noted in the row), ``fastclip+compile`` (``torch.compile``), ``open_clip`` (eager) and
-``open_clip+compile``. Towers: ``vit-b-32``, ``vit-b-16``, ``vit-l-14`` (vision towers of those models) and
-``text`` (the ViT-B text tower: width 512, 12 layers, 77 tokens); ``tiny-vit``/``tiny-text`` are the CPU smoke
-configuration. QuickGELU (OpenAI's checkpoints) by default; ``--act gelu`` for nn.GELU.
+``open_clip+compile``. Towers: ``vit-b-32``, ``vit-b-16``, ``vit-l-14`` (vision towers of those models),
+``text`` (the ViT-B text tower: width 512, 12 layers, 77 tokens), ``siglip-b-16`` (ViT-B-16-SigLIP's image tower:
+open_clip runs timm's ``vit_base_patch16_siglip_224`` with its "map" head, fastclip its own copy) and
+``siglip-text`` (ViT-B-16-SigLIP's bidirectional text tower: width 768, 12 layers, 64 tokens, last-token pooling);
+``tiny-vit``/``tiny-text``/``tiny-siglip`` are the CPU smoke configuration. QuickGELU (OpenAI's checkpoints) by
+default for the CLIP towers (``--act gelu`` for nn.GELU); SigLIP's towers use their own GELU whatever ``--act``.
 
 Defaults: on a GPU every tower at batch 256 (bf16 autocast); on the CPU the tiny towers at batch 2, eager only
 (CPU timings say nothing about GPU speed). Rows go to ``benchmarks/results/towers.csv``.
@@ -35,8 +38,17 @@ TOWERS: Dict[str, Tuple[str, dict, int]] = {
     "vit-b-16": ("vision", dict(image_size=224, layers=12, width=768, patch_size=16), 512),
     "vit-l-14": ("vision", dict(image_size=224, layers=24, width=1024, patch_size=14), 768),
     "text": ("text", dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12), 512),
+    "siglip-b-16": ("vision", dict(image_size=224, timm_model_name="vit_base_patch16_siglip_224", timm_pool="map",
+                                   timm_proj="none", layers=12, width=768, patch_size=16), 768),
+    "siglip-text": ("text", dict(context_length=64, vocab_size=32000, width=768, heads=12, layers=12,
+                                 no_causal_mask=True, proj_bias=True, pool_type="last", norm_kwargs={"eps": 1e-6}),
+                    768),
     "tiny-vit": ("vision", dict(image_size=32, layers=2, width=64, patch_size=8), 32),
     "tiny-text": ("text", dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2), 32),
+    "tiny-siglip": ("vision", dict(image_size=32, timm_model_name="vit_base_patch16_siglip_224", timm_pool="map",
+                                   timm_proj="none", layers=2, width=64, patch_size=8,
+                                   timm_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                                    num_heads=2)), 64),
 }
 PROVIDERS = ("fastclip", "fastclip+compile", "open_clip", "open_clip+compile")
 
@@ -56,7 +68,13 @@ def build_tower(provider: str, tower: str, quick_gelu: bool, device: torch.devic
         from open_clip.model import _build_text_tower, _build_vision_tower
 
         build = _build_vision_tower if kind == "vision" else _build_text_tower
+        cfg = dict(cfg)
+        timm_kwargs = cfg.pop("timm_kwargs", None)  # fastclip's reduced trunk: open_clip's TimmModel gets timm's
         model = build(embed_dim, cfg, quick_gelu=quick_gelu)
+        if timm_kwargs:
+            import timm
+
+            model.trunk = timm.create_model(cfg["timm_model_name"], num_classes=0, global_pool="map", **timm_kwargs)
     else:
         from fastclip.models.model import build_text_tower, build_vision_tower
 
@@ -79,12 +97,14 @@ def make_inputs(tower: str, batch: int, device: torch.device) -> torch.Tensor:
         return torch.randn(batch, 3, cfg["image_size"], cfg["image_size"], device=device)
     S = cfg["context_length"]
     g = torch.Generator().manual_seed(0)
-    text = torch.randint(1, 49406, (batch, S), generator=g)
+    text = torch.randint(1, min(49406, cfg["vocab_size"]), (batch, S), generator=g)
     lengths = torch.randint(3, S + 1, (batch,), generator=g)  # end-of-text position + 1
     pos = torch.arange(S)
     text = torch.where(pos < lengths[:, None] - 1, text, torch.zeros_like(text))
-    text[torch.arange(batch), lengths - 1] = 49407
-    text[:, 0] = 49406
+    openai = cfg["vocab_size"] == 49408
+    text[torch.arange(batch), lengths - 1] = 49407 if openai else 1  # end-of-text (SigLIP's </s> is 1)
+    if openai:
+        text[:, 0] = 49406
     return text.to(device)
 
 
@@ -95,13 +115,13 @@ def step_flops(tower: str, batch: int) -> float:
     if kind == "vision":
         p = cfg["patch_size"]
         n = (cfg["image_size"] // p) ** 2
-        S = n + 1
+        S = n + (0 if "timm_model_name" in cfg else 1)  # SigLIP's trunk has no class token
         patch = 2 * batch * n * C * 3 * p * p
         causal = 1.0
     else:
         S = cfg["context_length"]
         patch = 0
-        causal = 0.5
+        causal = 1.0 if cfg.get("no_causal_mask") else 0.5
     linear = 2 * batch * S * L * (4 * C * C + 8 * C * C) + patch + 2 * batch * C * embed_dim
     attention = 4 * batch * S * S * C * L * causal
     return 3 * linear + 3.5 * attention
@@ -135,7 +155,8 @@ def bench_provider(provider: str, tower: str, batch: int, quick_gelu: bool, devi
 def run(args) -> List[Row]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    towers = args.tower or (["vit-b-32", "vit-b-16", "vit-l-14", "text"] if gpu else ["tiny-vit", "tiny-text"])
+    towers = args.tower or (["vit-b-32", "vit-b-16", "vit-l-14", "text", "siglip-b-16", "siglip-text"] if gpu
+                            else ["tiny-vit", "tiny-text", "tiny-siglip"])
     batches = args.batch or ([256] if gpu else [2])
     providers = args.provider or (list(PROVIDERS) if gpu else ["fastclip", "open_clip"])
     quick_gelu = args.act == "quickgelu"

@@ -13,7 +13,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from fastclip.models.transformer import _check_attn_impl, _flash_attention, _sdpa
+from fastclip.models.transformer import _check_attn_impl, attend
 
 
 class Bottleneck(nn.Module):
@@ -80,10 +80,7 @@ class AttentionPool2d(nn.Module):
         q = self.q_proj(x).view(B, L, H, C // H)  # (B, L, H, D)
         k = self.k_proj(x).view(B, L, H, C // H)
         v = self.v_proj(x).view(B, L, H, C // H)
-        if self.attn_impl == "fastclip":
-            out = _flash_attention()(q, k, v)
-        else:
-            out = _sdpa(q, k, v, False, None)
+        out = attend(q, k, v, self.attn_impl)  # (B, L, H, D)
         return self.c_proj(out[:, 0].reshape(B, C))  # (B, output_dim)
 
 
