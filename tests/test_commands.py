@@ -14,7 +14,7 @@ from tests.use_helpers import make_image_folder, save_tiny_checkpoint, tiny_mode
 
 
 def _model(ckpt):
-    return ["--pretrained", ckpt, "--act", "gelu"]  # the tiny model's activation is CLIP's default, GELU
+    return ["--model", ckpt + ".json", "--pretrained", ckpt]  # an open_clip config file and the weights
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_index_refuses_another_model(setup, tmp_path):
     root, _, ckpt = setup
     index = str(tmp_path / "idx")
     assert main(["index", str(root / "images"), "--out", index, *_model(ckpt), "--quiet"]) == 0
-    other = save_tiny_checkpoint(str(tmp_path / "other.pt"))
+    other = save_tiny_checkpoint(str(tmp_path / "other.pt"))  # another file: another model for the index
     with pytest.raises(SystemExit, match="built with model"):
         main(["index", str(root / "images"), "--out", index, *_model(other), "--quiet"])
 
@@ -205,7 +205,7 @@ def test_run_folder(setup, tmp_path, capsys, monkeypatch):
     (run / "config.json").write_text(json.dumps({"model": "unknown-model"}))
     with pytest.raises(SystemExit, match="'unknown-model'.*neither"):
         main(["classify", path, "--labels", "a", "--run", str(run)])
-    with pytest.raises(SystemExit, match="give --act"):
+    with pytest.raises(SystemExit, match="--pretrained needs --model"):
         main(["classify", path, "--labels", "a", "--pretrained", ckpt])
     with pytest.raises(SystemExit, match="no config.json"):
         main(["classify", path, "--labels", "a", "--run", str(tmp_path)])

@@ -3,7 +3,6 @@ import os
 
 import torch
 
-# widths of 64: a checkpoint alone is read with 64-wide heads (OpenAI's convention, as open_clip infers it)
 TINY = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=64),
             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -17,7 +16,12 @@ def tiny_model(seed: int = 0):
 
 
 def save_tiny_checkpoint(path: str) -> str:
+    """The tiny model's weights at ``path`` and its open_clip config at ``path`` + ".json"."""
+    import json
+
     torch.save(tiny_model().state_dict(), path)
+    with open(path + ".json", "w") as f:
+        json.dump({**TINY, "quick_gelu": False}, f)
     return path
 
 

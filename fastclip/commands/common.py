@@ -1,9 +1,8 @@
 """What the commands share: the model options, loading a model, and embedding images and texts in batches.
 
-A model comes from ``--model NAME --pretrained FILE`` (a ``fastclip.list_models()`` name and a checkpoint file),
-from ``--pretrained FILE --act quickgelu|gelu`` (the architecture inferred from the checkpoint's tensor shapes, with
-64-wide attention heads as in every OpenAI and open_clip config; the shapes do not tell the activation, so it must be given: OpenAI's releases and open_clip's ``-quickgelu`` models use
-QuickGELU, open_clip's other models GELU), or from ``--run DIR``: a ``fastclip train`` run folder, that is a directory containing
+A model comes from ``--model NAME --pretrained FILE`` (NAME a ``fastclip.list_models()`` name or the path of an
+open_clip model config JSON; a checkpoint's shapes do not tell its activation or head counts, so the architecture is
+always named), or from ``--run DIR``: a ``fastclip train`` run folder, that is a directory containing
 ``config.json`` with a ``model`` key and a checkpoint file (``checkpoints/last.pt``, else the newest ``*.pt`` in the
 folder or in ``checkpoints/``); the checkpoint's weights are its ``model`` or ``state_dict`` entry, or the file
 itself when it is a plain state dict. The run's model name must be a ``fastclip.list_models()`` name or one of
@@ -23,11 +22,8 @@ import torch.nn.functional as F
 
 def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g = p.add_argument_group("model" + ("" if required else " (default: the one the index was built with)"))
-    g.add_argument("--model", help="model name (fastclip.list_models()), with --pretrained")
-    g.add_argument("--pretrained", help="checkpoint file (OpenAI, open_clip or fastclip train); without --model the "
-                                        "architecture is read from its shapes, and --act is needed")
-    g.add_argument("--act", choices=("quickgelu", "gelu"), help="the activation of a --pretrained without --model "
-                                                                "(OpenAI's releases: quickgelu)")
+    g.add_argument("--model", help="model name (fastclip.list_models()) or an open_clip model config JSON")
+    g.add_argument("--pretrained", help="checkpoint file of that model (OpenAI, open_clip or fastclip train)")
     g.add_argument("--run", help="a fastclip train run folder (config.json with a 'model' key, and a checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=64)
@@ -39,14 +35,14 @@ def model_spec(args) -> Optional[dict]:
         if args.model or args.pretrained:
             raise SystemExit("give --run, or --model/--pretrained, not both")
         return {"run": os.path.abspath(args.run)}
-    if args.pretrained:
-        if args.model is None and args.act is None:
-            raise SystemExit("--pretrained without --model: give --act quickgelu (OpenAI's releases, -quickgelu "
-                             "models) or --act gelu (open_clip's other models); a checkpoint's shapes do not tell")
-        spec = {"model": args.model, "pretrained": os.path.abspath(args.pretrained)}
-        return spec if args.model else {**spec, "act": args.act}
-    if args.model:
+    if args.pretrained and not args.model:
+        raise SystemExit("--pretrained needs --model NAME (a fastclip.list_models() name or an open_clip config "
+                         "JSON): a checkpoint's shapes do not tell its activation or head counts")
+    if args.model and not args.pretrained:
         raise SystemExit(f"--model {args.model} needs --pretrained FILE (fastclip downloads no weights)")
+    if args.model:
+        model = os.path.abspath(args.model) if args.model.endswith(".json") else args.model
+        return {"model": model, "pretrained": os.path.abspath(args.pretrained)}
     return None
 
 
@@ -87,18 +83,18 @@ def load_model(spec: dict, device: str = "cpu"):
     else:
         name, path, sd = spec.get("model"), spec["pretrained"], None
     train = _train_models()
-    if name and name in fastclip.list_models():
+    if name in fastclip.list_models():
         model = fastclip.create_model(name)
         load_checkpoint(model, sd if sd is not None else path)
-    elif name and train is not None and name in train.TINY_MODELS:
+    elif train is not None and name in train.TINY_MODELS:
         model = train.build_model(name)
         load_checkpoint(model, sd if sd is not None else path)
-    elif name:
+    elif name.endswith(".json") and "run" not in spec:  # an open_clip model config
+        model = fastclip.create_model_from_state_dict(read_checkpoint(path)[0], model_name=name)
+    else:
         where = f"config.json of {spec['run']}" if "run" in spec else "--model"
         raise SystemExit(f"model {name!r} ({where}) is neither a fastclip.list_models() name nor a fastclip train "
-                         f"config in this version")
-    else:  # --pretrained with --act: the architecture from the shapes (64-wide attention heads, as OpenAI's)
-        model = fastclip.create_model_from_state_dict(read_checkpoint(path)[0], quick_gelu=spec["act"] == "quickgelu")
+                         f"config in this version" + ("" if "run" in spec else ", nor a config .json"))
     model = model.to(device).eval()
     size = getattr(model.visual, "image_size", 224)
     return model, fastclip.tokenize, fastclip.image_transform(size)
