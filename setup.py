@@ -9,7 +9,7 @@ nvcc (CUDA_HOME), not a GPU:
 
 ``FASTCLIP_CUDA_ARCHS`` (default "80;90") lists the SASS targets; PTX for the last one is embedded too, so newer
 GPUs can JIT it. ``MAX_JOBS`` bounds parallel compilation (ninja). The same source list and flags serve the JIT
-build (``python -m fastclip.build``), through :func:`extension_kwargs` in fastclip/build.py.
+build (``python -m fastclip.build``), through :func:`extension_kwargs` in fastclip/build/__init__.py.
 """
 import importlib.util
 import os
@@ -18,9 +18,9 @@ from setuptools import setup
 
 
 def _build_module():
-    # fastclip/build.py without importing the package (its __init__ needs torch and the runtime dependencies)
+    # fastclip/build/__init__.py without importing fastclip (whose __init__ needs torch and the runtime dependencies)
     spec = importlib.util.spec_from_file_location(
-        "_fastclip_build", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastclip", "build.py"))
+        "_fastclip_build", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastclip", "build", "__init__.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -10,7 +10,7 @@ fixed and gives each rank N / W. Each case times one
 forward+backward on every rank (p20/p50/p80 of the slowest rank) and the extra peak memory of one step on every rank
 (the largest is reported). Providers: open_clip ``SigLipLoss`` (bidir, shift, reduce, gather), ``ClipLoss``
 (local_loss=False/True with gather_with_grad=True), and fastclip's ``SigLIPLoss``/``ContrastiveLoss`` in the same
-modes plus ``ring``. Rank 0 appends rows to ``benchmarks/results/distributed.csv``.
+modes plus ``ring``. Rank 0 appends rows to ./fastclip-results/distributed.csv (``--out``, ``--csv``, ``--save``).
 
 With a single process on a GPU there is no one to talk to; the script then measures what bounds the ring's step:
 one block's fused forward+gradient kernel (N_local x N_local), a device copy of one text block (a lower bound for its
@@ -28,11 +28,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastclip.bench.common import (Row, append_csv, environment, format_table, is_oom, peak_memory_mb,  # noqa: E402
-                                   quantiles, time_fn)
+from fastclip.bench.common import (Row, add_output_arguments, append_csv, csv_path, environment,  # noqa: E402
+                                   format_table, is_oom, peak_memory_mb, quantiles, time_fn)
 from fastclip.bench.loss import DTYPES, make_features  # noqa: E402
 
-DEFAULT_CSV = os.path.join("benchmarks", "results", "distributed.csv")
 
 
 def providers(loss: str, rank: int, world: int) -> Dict[str, Callable]:
@@ -169,7 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--loss", nargs="+", choices=["siglip", "clip"], default=["siglip", "clip"])
     p.add_argument("--scaling", nargs="+", choices=["weak", "strong"], default=["weak", "strong"])
     p.add_argument("--rep", type=int, default=None)
-    p.add_argument("--csv", default=None, help="CSV to append to ('none' to skip)")
+    add_output_arguments(p)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:
         argv = argv[1:]
@@ -203,9 +202,10 @@ def main(argv=None) -> int:
         rows = []
     if rank == 0 and rows:
         print(format_table(rows))
-        if args.csv != "none":
-            append_csv(args.csv or DEFAULT_CSV, rows)
-            print(f"\n{len(rows)} rows appended to {args.csv or DEFAULT_CSV}")
+        path = csv_path(args, "distributed.csv")
+        if path:
+            append_csv(path, rows)
+            print(f"\n{len(rows)} rows appended to {path}")
     if world > 1:
         dist.destroy_process_group()
     return 0

@@ -1,47 +1,53 @@
-"""The ``fastclip`` command.
+"""The ``fastclip`` command: ``fastclip <command> [options]``; ``fastclip <command> --help`` describes each.
 
-    fastclip info                      versions, devices, every backend and why it is (not) available
-    fastclip bench loss [options]      the contrastive-loss benchmark (``fastclip bench loss --help``)
-    fastclip bench siglip [options]    the SigLIP sigmoid-loss benchmark
-    fastclip bench attention [options] the attention benchmark (``fastclip bench attention --help``)
-    fastclip bench towers [options]    training steps of the CLIP towers against open_clip
-    fastclip bench topk [options]      top-k similarity search against FAISS and torch.topk
-    fastclip index | search | classify | moderate | eval   using a model (``fastclip <command> --help``)
+Adding a command: write a module whose ``main(argv) -> int`` parses its own arguments (``argparse`` with
+``prog="fastclip <command>"``), then add one line to :data:`COMMANDS`. A benchmark is one line in
+``fastclip.bench.BENCHES`` instead. Modules are imported only when their command runs, so ``fastclip --help``
+stays fast.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-# benchmark name -> module with main(argv)
-BENCHES = {"loss": "fastclip.bench.loss", "siglip": "fastclip.bench.siglip", "attention": "fastclip.bench.attention",
-           "towers": "fastclip.bench.towers", "topk": "fastclip.bench.topk"}
-# command name -> (module, function(argv))
-COMMANDS = {"index": ("fastclip.commands.index", "index_main"), "search": ("fastclip.commands.index", "search_main"),
-            "classify": ("fastclip.commands.classify", "main"), "moderate": ("fastclip.commands.moderate", "main"),
-            "eval": ("fastclip.commands.evaluate", "main")}
+# command -> (module whose main(argv) runs it, one line for `fastclip --help`)
+COMMANDS = {
+    "info": ("fastclip.info", "versions, GPU, every backend of every op, what auto picks, the models"),
+    "bench": ("fastclip.bench", "benchmarks against open_clip, SDPA and others (fastclip bench --help)"),
+    "index": ("fastclip.commands.index", "embed an image folder into a search index (resumable)"),
+    "search": ("fastclip.commands.search", "rank an index's images against a text or image query"),
+    "classify": ("fastclip.commands.classify", "zero-shot labels with probabilities"),
+    "moderate": ("fastclip.commands.moderate", "flag images matching a policy's categories"),
+    "eval": ("fastclip.commands.evaluate", "zero-shot top-1/top-5 or retrieval recall@k"),
+}
+
+
+def usage() -> str:
+    import fastclip
+
+    width = max(map(len, COMMANDS))
+    lines = ["usage: fastclip [--version] <command> [options]", "",
+             f"fastclip {fastclip.__version__}: fast, memory-lean CLIP and SigLIP training.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "fastclip <command> --help describes a command's options."]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("\nbenchmarks: " + ", ".join(sorted(BENCHES)))
+        print(usage())
         return 0
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "info":
-        from fastclip.info import main as info_main
+    if argv[0] == "--version":
+        import fastclip
 
-        return info_main()
-    if cmd == "bench":
-        if not rest or rest[0] not in BENCHES:
-            print(f"usage: fastclip bench {{{','.join(sorted(BENCHES))}}} [options]", file=sys.stderr)
-            return 2
-        return importlib.import_module(BENCHES[rest[0]]).main(rest[1:])
-    if cmd in COMMANDS:
-        return getattr(importlib.import_module(COMMANDS[cmd][0]), COMMANDS[cmd][1])(rest)
-    print(f"fastclip: unknown command {cmd!r}\n\n{__doc__.strip()}", file=sys.stderr)
-    return 2
+        print(f"fastclip {fastclip.__version__}")
+        return 0
+    entry = COMMANDS.get(argv[0])
+    if entry is None:
+        print(f"fastclip: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return importlib.import_module(entry[0]).main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -60,3 +60,99 @@ def test_format_table_handles_missing_values():
 
     text = format_table([Row(op="x", provider="p", mode="full", shape="N=1", dtype="fp32", note="OOM")])
     assert "OOM" in text and "-" in text
+
+
+def test_rows_are_written_and_flushed_as_measured(tmp_path):
+    """A run cut off part way keeps every row it finished: the CSV holds each row before the next is measured."""
+    from fastclip.bench.common import CsvWriter, Row
+
+    path = tmp_path / "x.csv"
+    with CsvWriter(str(path)) as w:
+        for i in range(3):
+            w.write(Row(op="x", provider="p", mode="full", shape=f"N={i}", dtype="fp32", ms_p50=1.0))
+            assert [r["shape"] for r in read_csv(str(path))] == [f"N={j}" for j in range(i + 1)]
+
+
+def test_bench_loss_keeps_rows_of_an_interrupted_run(tmp_path, monkeypatch):
+    from fastclip.bench import loss
+
+    real, calls = loss.bench_case, []
+
+    def stop_at_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the time limit's SIGTERM/SIGINT in the middle of a sweep
+        return real(*a, **k)
+
+    monkeypatch.setattr(loss, "bench_case", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["bench", "loss", "--n", "32", "48", "--d", "8", "--mode", "fwd", "--rep", "1", "--provider",
+                  "torch", "--csv", str(tmp_path / "loss.csv")])
+    assert [(r["provider"], r["shape"]) for r in read_csv(str(tmp_path / "loss.csv"))] == [("torch", "N=32,D=8")]
+
+
+def test_results_go_to_a_named_folder_not_the_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "loss", "--n", "16", "--d", "8", "--mode", "fwd", "--rep", "1", "--provider", "torch"]
+    assert cli_main(args) == 0
+    assert read_csv(str(tmp_path / "fastclip-results" / "loss.csv"))  # the default: ./fastclip-results/
+    assert not (tmp_path / "benchmarks").exists()
+    assert cli_main(args + ["--out", str(tmp_path / "mine")]) == 0
+    assert read_csv(str(tmp_path / "mine" / "loss.csv"))
+    # --save: the checkout's committed CSVs (redirected here, so the test leaves the checkout as it was)
+    from fastclip.bench import common
+
+    monkeypatch.setattr(common, "checkout_results_dir", lambda: str(tmp_path / "committed"))
+    (tmp_path / "committed").mkdir()
+    assert cli_main(args + ["--save"]) == 0
+    assert read_csv(str(tmp_path / "committed" / "loss.csv"))
+    with pytest.raises(SystemExit):
+        cli_main(args + ["--save", "--out", "x"])
+
+
+def test_checkout_results_dir_is_this_checkout():
+    from fastclip.bench.common import checkout_results_dir
+
+    assert checkout_results_dir() == os.path.join(ROOT, "benchmarks", "results")
+
+
+@pytest.mark.parametrize("bench", ["loss", "siglip", "attention", "towers"])
+def test_each_bench_has_its_own_help(bench, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["bench", bench, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fastclip bench {bench} ")
+    assert f"fastclip bench {bench}:" in out  # its own description, not another benchmark's
+    assert "``" not in out and ":func:" not in out  # no reST markup in help
+    assert "--out DIR" in out and "--save" in out
+
+
+def test_version_and_command_help(capsys):
+    import fastclip
+
+    assert cli_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fastclip {fastclip.__version__}"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["info", "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: fastclip info")
+    assert cli_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "info" in out and "bench" in out and "`" not in out
+
+
+def test_info_says_what_auto_picks(capsys):
+    import torch
+
+    from fastclip.dispatch import select
+
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "auto picks" in out
+    picked = select("contrastive_loss", "auto", device=torch.device("cpu"), dtype=torch.bfloat16, dim=512).backend
+    assert any(line.split()[:3] == ["contrastive_loss", "cpu", "bfloat16"] and line.split()[-1] == picked
+               for line in out.splitlines())
+    import fastclip
+
+    assert f"models: {len(fastclip.list_models())} architectures" in out

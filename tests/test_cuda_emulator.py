@@ -11,13 +11,33 @@ from . import emulator
 pytestmark = pytest.mark.skipif(emulator.compiler_missing() is not None, reason=str(emulator.compiler_missing()))
 
 
-def test_primitives_selftest(tmp_path):
+SELFTEST = emulator.CSRC / "tests" / "primitives_selftest.cu"
+
+
+def _run_selftest(src, tmp_path):
     exe = tmp_path / "selftest"
-    src = emulator.CSRC / "tests" / "primitives_selftest.cu"
-    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-DFASTCLIP_EMULATE", "-Wall", "-x", "c++", str(src),
-                    "-o", str(exe)], check=True, capture_output=True, text=True)
-    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    subprocess.run(["g++", "-std=c++20", "-O1", "-pthread", "-DFASTCLIP_EMULATE", "-Wall", f"-I{emulator.CSRC}",
+                    "-x", "c++", str(src), "-o", str(exe)], check=True, capture_output=True, text=True)
+    return subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+
+
+def test_primitives_selftest(tmp_path):
+    res = _run_selftest(SELFTEST, tmp_path)
     assert res.returncode == 0 and res.stdout.strip() == "OK", res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("call", ["ldmatrix_x4_trans"] + [pytest.param(c, marks=pytest.mark.slow) for c in
+                                                          ("ldmatrix_x2_trans", "ldmatrix_x4", "ldmatrix_x2")])
+def test_selftest_exercises_every_ldmatrix_form(call, tmp_path):
+    """Each ldmatrix form the kernels use is checked: the self-test fails when that call loads the other layout."""
+    text = SELFTEST.read_text()
+    other = call.removesuffix("_trans") if call.endswith("_trans") else call + "_trans"
+    assert f"fc::{call}(" in text, f"primitives_selftest.cu does not exercise {call}"
+    mutated = tmp_path / "mutated.cu"
+    mutated.write_text(text.replace('#include "../common/device.cuh"', '#include "common/device.cuh"')
+                       .replace(f"fc::{call}(", f"fc::{other}("))
+    res = _run_selftest(mutated, tmp_path)
+    assert res.returncode == 1 and res.stdout.startswith("FAIL"), res.stdout + res.stderr
 
 
 def test_missing_cp_async_wait_is_fatal(tmp_path):

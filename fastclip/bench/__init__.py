@@ -1,1 +1,39 @@
-"""Benchmark harness behind ``fastclip bench``: shared utilities in ``common``, one module per op."""
+"""Benchmark harness behind ``fastclip bench``: shared utilities in ``common``, one module per benchmark.
+
+Adding a benchmark: a module whose ``main(argv) -> int`` builds its parser with ``common.bench_parser(name,
+__doc__)`` and its output options with ``common.add_output_arguments``, and one line in :data:`BENCHES`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# benchmark -> (module whose main(argv) runs it, one line for `fastclip bench --help`)
+BENCHES = {
+    "loss": ("fastclip.bench.loss", "the CLIP contrastive loss: fastclip against open_clip (and inf-cl)"),
+    "siglip": ("fastclip.bench.siglip", "the SigLIP sigmoid loss: fastclip against open_clip"),
+    "attention": ("fastclip.bench.attention", "attention at CLIP's shapes: fastclip against every SDPA backend"),
+    "towers": ("fastclip.bench.towers", "a training step of the CLIP towers: fastclip against open_clip"),
+    "topk": ("fastclip.bench.topk", "top-k similarity search: fastclip against FAISS and torch.topk"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, BENCHES))
+    lines = ["usage: fastclip bench <benchmark> [options]", "", "benchmarks:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in BENCHES.items()]
+    lines += ["", "fastclip bench <benchmark> --help describes its options. Results go to ./fastclip-results/ "
+              "unless --out DIR or --csv FILE says otherwise."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    entry = BENCHES.get(argv[0])
+    if entry is None:
+        print(f"fastclip bench: unknown benchmark {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return importlib.import_module(entry[0]).main(argv[1:])

@@ -10,26 +10,24 @@ default is a tiny smoke run of ``fastclip-torch`` and ``reference`` (interpreter
 For each case it times forward, backward and forward+backward (p20/p50/p80 ms) and reports TFLOP/s on
 flash-attn's count: forward 4 B S^2 H D (half when causal), backward 2.5x, forward+backward 3.5x that. On a GPU
 it also measures once per run the bf16 matmul peak (a large ``torch.matmul``) and the memory bandwidth (a large
-copy), and notes each row's roofline, min(peak, FLOPs / minimum bytes x bandwidth). Rows are appended to
-``benchmarks/results/attention.csv`` (long format, with device and versions) and printed as a table.
+copy), and notes each row's roofline, min(peak, FLOPs / minimum bytes x bandwidth). Each row is appended to a
+long-format CSV (device and versions included) as soon as it is measured, ./fastclip-results/attention.csv by
+default, and the whole table is printed at the end.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from fastclip.bench.common import Row, append_csv, environment, format_table, is_oom, peak_memory_mb, quantiles, \
-    time_fn
+from fastclip.bench.common import CsvWriter, Row, add_output_arguments, bench_parser, csv_path, environment, \
+    format_table, is_oom, peak_memory_mb, quantiles, time_fn
 from fastclip.bench.loss import DTYPES
 from fastclip.ops.attention.pytorch import sdpa_mask
 
 OP = "flash_attention"
-DEFAULT_CSV = os.path.join("benchmarks", "results", "attention.csv")
 
 # name -> (batch, seq, heads, causal, padded); batches are typical per-GPU training batches
 GPU_CASES = {
@@ -213,6 +211,7 @@ def run(args) -> List[Row]:
         peaks = measure_peaks(device)
         print(f"# measured: bf16 matmul {peaks[0]:.0f} TFLOP/s, copy bandwidth {peaks[1]:.0f} GB/s", file=sys.stderr)
     rows: List[Row] = []
+    sink = CsvWriter(csv_path(args, "attention.csv"))
     for dtype_name in dtypes:
         for name in names:
             b, s, h, causal, padded = cases.get(name, GPU_CASES[name])
@@ -222,7 +221,7 @@ def run(args) -> List[Row]:
                     fn = available.get(prov)
                     if fn is None:
                         rows.append(Row(op=OP, provider=prov, mode="-", shape=f"{name}:D={d}", dtype=dtype_name,
-                                        note="unavailable here", **env))
+                                        note="unavailable here", **env))  # printed, not recorded
                         continue
                     try:
                         new = bench_case(prov, fn, name, b, s, h, d, causal, padded, dtype_name, device, modes,
@@ -237,18 +236,17 @@ def run(args) -> List[Row]:
                             torch.cuda.empty_cache()
                     rows.extend(new)
                     for r in new:
+                        sink.write(r)
                         print(format_table([r]).splitlines()[-1], file=sys.stderr, flush=True)
-    recorded = [r for r in rows if r.note != "unavailable here"]
-    if args.csv != "none":
-        append_csv(args.csv or DEFAULT_CSV, recorded)
+    sink.close()
     print(format_table(rows))
-    if args.csv != "none":
-        print(f"\n{len(recorded)} rows appended to {args.csv or DEFAULT_CSV}")
+    if sink.path:
+        print(f"\n{sink.count} rows appended to {sink.path}")
     return rows
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser("attention", __doc__)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--case", nargs="+", help=f"shapes (default: all): {', '.join(GPU_CASES)}")
     p.add_argument("--batch", type=int, help="override every case's batch size")
@@ -258,7 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--provider", nargs="+", help="providers (default: all on a GPU, torch/reference on the CPU)")
     p.add_argument("--rep", type=int, default=None, help="timed repetitions per case")
     p.add_argument("--no-roofline", action="store_true", help="skip measuring matmul peak and bandwidth")
-    p.add_argument("--csv", default=None, help="CSV to append to ('none' to skip)")
+    add_output_arguments(p)
     args = p.parse_args(argv)
     if args.rep is None:
         args.rep = 30 if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else 3

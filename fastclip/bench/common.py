@@ -6,13 +6,20 @@ nothing about GPU speed and are labelled with the CPU's name.
 
 Peak memory is what the measured call adds on top of what was allocated before it: ``torch.cuda`` peak statistics
 on CUDA; on Linux CPUs the process's resident high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs``.
+
+Results: each row is appended to a long-format CSV and flushed the moment it is measured (:class:`CsvWriter`), so a
+run cut short keeps every finished measurement. The CSV goes to ``./fastclip-results/<bench>.csv`` unless the
+command says otherwise (``--out DIR``, ``--csv FILE``); ``--save`` appends to the CSVs committed in a fastclip
+checkout's ``benchmarks/results/`` instead.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -205,18 +212,91 @@ def environment(device: torch.device) -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
+class CsvWriter:
+    """Appends :class:`Row` s to a long-format CSV one at a time, each written and flushed as it is measured.
+
+    ``path=None`` writes nothing. The file and its folder are created at the first row; the header is written when
+    the file is new or empty. Use as a context manager.
+    """
+
+    def __init__(self, path: Optional[str]):
+        self.path, self.count, self._file, self._writer = path, 0, None, None
+
+    def write(self, row: Row) -> None:
+        if self.path is None:
+            return
+        if self._file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+            self._file = open(self.path, "a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=CSV_FIELDS)
+            if new:
+                self._writer.writeheader()
+        self._writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in asdict(row).items()})
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "CsvWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def append_csv(path: str, rows: Iterable[Row]) -> None:
-    rows = list(rows)
-    if not rows:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
+    with CsvWriter(path) as w:
         for r in rows:
-            w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in asdict(r).items()})
+            w.write(r)
+
+
+DEFAULT_OUT = "fastclip-results"
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where results go")
+    g.add_argument("--out", metavar="DIR", help=f"folder for the CSV (default: ./{DEFAULT_OUT}/)")
+    g.add_argument("--csv", metavar="FILE", help="the CSV file to append to, instead of --out ('none': no file)")
+    g.add_argument("--save", action="store_true",
+                   help="append to the CSV committed in this fastclip checkout (benchmarks/results/), to commit it")
+
+
+def checkout_results_dir() -> str:
+    """``benchmarks/results/`` of the fastclip checkout this package runs from; SystemExit when it is not one."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "benchmarks", "results")
+    if not os.path.isdir(path):
+        raise SystemExit(f"--save appends to benchmarks/results/ of a fastclip checkout, and fastclip here ({root}) "
+                         f"is not one; use --out DIR")
+    return path
+
+
+def csv_path(args: argparse.Namespace, name: str) -> Optional[str]:
+    """The CSV a benchmark appends to, from :func:`add_output_arguments`' options; None for ``--csv none``."""
+    if args.save and (args.out or args.csv):
+        raise SystemExit("--save writes to the checkout's benchmarks/results/: give it without --out or --csv")
+    if args.csv:
+        return None if args.csv == "none" else args.csv
+    if args.save:
+        return os.path.join(checkout_results_dir(), name)
+    return os.path.join(args.out or DEFAULT_OUT, name)
+
+
+def plain(doc: str) -> str:
+    """A docstring as help text: reST literals and roles (````x````, ``:func:`x```) as plain text."""
+    doc = re.sub(r":\w+:`([^`]*)`", r"\1", doc)
+    return re.sub(r"``([^`]*)``", r"\1", doc).strip()
+
+
+def bench_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``fastclip bench <name>``: its own usage line, and its module docstring as description."""
+    return argparse.ArgumentParser(prog=f"fastclip bench {name}", description=plain(doc),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def read_csv(path: str) -> List[dict]:

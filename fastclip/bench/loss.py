@@ -2,8 +2,9 @@
 
 For each provider, batch size N, feature dim D and dtype it times forward, backward and forward+backward
 (p20/p50/p80 ms), measures the peak memory one forward+backward adds beyond its inputs, and reports TFLOP/s on
-the design's count (8 N^2 D for fwd+bwd, 2 N^2 D forward, 6 N^2 D backward). Rows are appended to a
-long-format CSV (``benchmarks/results/loss.csv`` by default) and printed as a table.
+the memory-linear count (8 N^2 D for fwd+bwd, 2 N^2 D forward, 6 N^2 D backward; docs/design.md). Each row is
+appended to a long-format CSV as soon as it is measured (./fastclip-results/loss.csv by default) and the whole
+table is printed at the end.
 
 Defaults are sized for the device: a short CPU table (N up to 4096, D=512, fp32) or a GPU sweep (N from 1k up
 to 1M, D 512/768/1024, bf16 and fp32). A provider that runs out of memory gets an "OOM" row and is not tried at
@@ -12,20 +13,18 @@ larger N.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastclip.bench.common import Row, append_csv, environment, format_table, is_oom, peak_memory_mb, quantiles, \
-    time_fn
-from fastclip.ops._extension import unavailable_reason as cuda_unavailable
+from fastclip.bench.common import CsvWriter, Row, add_output_arguments, bench_parser, csv_path, environment, \
+    format_table, is_oom, peak_memory_mb, quantiles, time_fn
 from fastclip.dispatch import BackendError
+from fastclip.ops._extension import unavailable_reason as cuda_unavailable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-DEFAULT_CSV = os.path.join("benchmarks", "results", "loss.csv")
 
 
 # A provider builds the loss call: f(image, text, scale, bias) -> 0-d loss. None when unavailable.
@@ -112,6 +111,30 @@ def bench_case(op: str, provider: str, fn: Callable, n: int, d: int, dtype_name:
     return rows
 
 
+def _measure(op, name, fn, n, d, n_first, dtype_name, device, modes, flops, env, rep, with_bias, dead) -> List[Row]:
+    """Rows of one provider at one size; an unavailable, unsupported or out-of-memory provider gets one note row."""
+    shape = f"N={n},D={d}"
+    if fn is None:
+        return ([Row(op=op, provider=name, mode="-", shape=shape, dtype=dtype_name, note="unavailable here", **env)]
+                if n == n_first else [])
+    if name in dead:
+        return []
+    try:
+        return bench_case(op, name, fn, n, d, dtype_name, device, modes, flops, env, rep, with_bias=with_bias)
+    except BackendError as e:  # e.g. the cuda backend and fp32 inputs
+        dead.add(name)
+        return [Row(op=op, provider=name, mode="-", shape=shape, dtype=dtype_name,
+                    note="unsupported: " + str(e).split(": ", 2)[-1][:100], **env)]
+    except Exception as e:  # noqa: BLE001
+        if not is_oom(e):
+            raise
+        dead.add(name)
+        return [Row(op=op, provider=name, mode="full", shape=shape, dtype=dtype_name, note="OOM", **env)]
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def default_sizes(device: torch.device):
     if device.type == "cuda":
         ns = [1024, 4096, 16384, 65536, 262144, 1048576]
@@ -120,7 +143,7 @@ def default_sizes(device: torch.device):
 
 
 def run(args, op: str = "contrastive_loss", providers_fn=contrastive_providers, flops=contrastive_flops,
-        default_csv: str = DEFAULT_CSV, with_bias: bool = False) -> List[Row]:
+        csv_name: str = "loss.csv", with_bias: bool = False) -> List[Row]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ns, ds, dtypes, modes = default_sizes(device)
     ns = args.n or ns
@@ -133,47 +156,24 @@ def run(args, op: str = "contrastive_loss", providers_fn=contrastive_providers, 
     print(f"# {op} on {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']}",
           file=sys.stderr)
     rows: List[Row] = []
-    for dtype_name in dtypes:
-        if device.type == "cpu" and dtype_name in ("bf16", "fp16"):
-            print(f"# note: {dtype_name} on the CPU is slow and unrepresentative", file=sys.stderr)
-        for d in ds:
-            dead = set()  # providers that ran out of memory at a smaller N
-            for n in ns:
-                for name in wanted:
-                    fn = available.get(name)
-                    shape = f"N={n},D={d}"
-                    if fn is None:
-                        if n == ns[0]:
-                            rows.append(Row(op=op, provider=name, mode="-", shape=shape, dtype=dtype_name,
-                                            note="unavailable here", **env))
-                        continue
-                    if name in dead:
-                        continue
-                    try:
-                        new = bench_case(op, name, fn, n, d, dtype_name, device, modes, flops, env, args.rep,
-                                         with_bias=with_bias)
-                    except BackendError as e:  # e.g. the cuda backend and fp32 inputs
-                        dead.add(name)
-                        new = [Row(op=op, provider=name, mode="-", shape=shape, dtype=dtype_name,
-                                   note="unsupported: " + str(e).split(": ", 2)[-1][:100], **env)]
-                    except Exception as e:  # noqa: BLE001
-                        if not is_oom(e):
-                            raise
-                        dead.add(name)
-                        new = [Row(op=op, provider=name, mode="full", shape=shape, dtype=dtype_name, note="OOM",
-                                   **env)]
-                    finally:
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                    rows.extend(new)
-                    for r in new:
-                        print(format_table([r]).splitlines()[-1], file=sys.stderr, flush=True)
-    measured = [r for r in rows if r.note == "" or r.note == "OOM"]
-    if args.csv != "none":
-        append_csv(args.csv or default_csv, measured)
+    with CsvWriter(csv_path(args, csv_name)) as sink:
+        for dtype_name in dtypes:
+            if device.type == "cpu" and dtype_name in ("bf16", "fp16"):
+                print(f"# note: {dtype_name} on the CPU is slow and unrepresentative", file=sys.stderr)
+            for d in ds:
+                dead = set()  # providers that ran out of memory at a smaller N
+                for n in ns:
+                    for prov in wanted:
+                        new = _measure(op, prov, available.get(prov), n, d, ns[0], dtype_name, device, modes, flops,
+                                       env, args.rep, with_bias, dead)
+                        rows.extend(new)
+                        for r in new:
+                            if r.note != "unavailable here":
+                                sink.write(r)
+                            print(format_table([r]).splitlines()[-1], file=sys.stderr, flush=True)
     print(format_table(rows))
-    if args.csv != "none":
-        print(f"\n{len(measured)} rows appended to {args.csv or default_csv}")
+    if sink.path:
+        print(f"\n{sink.count} rows appended to {sink.path}")
     return rows
 
 
@@ -185,18 +185,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", nargs="+", choices=["fwd", "bwd", "full"], help="what to time")
     p.add_argument("--provider", nargs="+", help="providers (default: all available)")
     p.add_argument("--rep", type=int, default=None, help="timed repetitions per case")
-    p.add_argument("--csv", default=None, help="CSV to append to ('none' to skip)")
+    add_output_arguments(p)
 
 
-def main(argv=None, **kw) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, name: str = "loss", doc: str = __doc__, **kw) -> int:
+    p = bench_parser(name, doc)
     add_arguments(p)
     args = p.parse_args(argv)
     if args.rep is None:
         args.rep = 20 if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else 3
     run(args, **kw)
     return 0
-
 
 
 if __name__ == "__main__":

@@ -5,20 +5,17 @@ forward+backward (p20/p50/p80 ms), measures the peak memory one forward+backward
 TFLOP/s on the design's count for SigLIP: 6 N^2 D for fwd+bwd (3 GEMMs), 2 N^2 D forward, 4 N^2 D backward.
 fastclip makes the gradient in the forward whenever one is needed (the loss is elementwise in the logits), so its
 "fwd" row (timed under no_grad) is the loss alone and its "bwd" row is only the transposed launch (Triton) or a
-scaling (torch); "full" is the number to compare. Rows go to ``benchmarks/results/siglip.csv``.
+scaling (torch); "full" is the number to compare. Each row is appended to ./fastclip-results/siglip.csv by
+default as soon as it is measured.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, Dict, Optional
 
 import torch
 
 from fastclip.bench import loss as _loss
-
-DEFAULT_CSV = os.path.join("benchmarks", "results", "siglip.csv")
-
 
 def siglip_providers(device: torch.device) -> Dict[str, Optional[Callable]]:
     import fastclip
@@ -44,8 +41,8 @@ def siglip_flops(n: int, d: int, mode: str) -> float:
 
 
 def main(argv=None) -> int:
-    return _loss.main(argv, op="siglip_loss", providers_fn=siglip_providers, flops=siglip_flops,
-                      default_csv=DEFAULT_CSV, with_bias=True)
+    return _loss.main(argv, name="siglip", doc=__doc__, op="siglip_loss", providers_fn=siglip_providers,
+                      flops=siglip_flops, csv_name="siglip.csv", with_bias=True)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,21 @@ open_clip runs timm's ``vit_base_patch16_siglip_224`` with its "map" head, fastc
 default for the CLIP towers (``--act gelu`` for nn.GELU); SigLIP's towers use their own GELU whatever ``--act``.
 
 Defaults: on a GPU every tower at batch 256 (bf16 autocast); on the CPU the tiny towers at batch 2, eager only
-(CPU timings say nothing about GPU speed). Rows go to ``benchmarks/results/towers.csv``.
+(CPU timings say nothing about GPU speed). Each row is appended to ./fastclip-results/towers.csv by default
+as soon as it is measured.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from fastclip.bench.common import Row, append_csv, environment, format_table, is_oom, peak_memory_mb, quantiles, \
+from fastclip.bench.common import CsvWriter, Row, add_output_arguments, bench_parser, csv_path, environment, \
+    format_table, is_oom, peak_memory_mb, quantiles, \
     time_fn
 
-DEFAULT_CSV = os.path.join("benchmarks", "results", "towers.csv")
 
 # tower name -> (kind, open_clip-style cfg, embed_dim)
 TOWERS: Dict[str, Tuple[str, dict, int]] = {
@@ -168,6 +168,7 @@ def run(args) -> List[Row]:
         providers = [p for p in providers if not p.startswith("open_clip")]
         print("# open_clip is not installed: fastclip rows only (pip install open-clip-torch)", file=sys.stderr)
     rows: List[Row] = []
+    sink = CsvWriter(csv_path(args, "towers.csv"))
     for tower in towers:
         # one set of weights (open_clip's init) for every provider
         ref_state = None
@@ -191,12 +192,12 @@ def run(args) -> List[Row]:
                         torch.cuda.empty_cache()
                     torch._dynamo.reset()
                 rows.append(row)
+                sink.write(row)
                 print(format_table([row]).splitlines()[-1], file=sys.stderr, flush=True)
-    if args.csv != "none":
-        append_csv(args.csv or DEFAULT_CSV, rows)
+    sink.close()
     print(format_table(rows))
-    if args.csv != "none":
-        print(f"\n{len(rows)} rows appended to {args.csv or DEFAULT_CSV}")
+    if sink.path:
+        print(f"\n{sink.count} rows appended to {sink.path}")
     return rows
 
 
@@ -207,11 +208,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", nargs="+", choices=PROVIDERS, help="providers (default: all on GPU)")
     p.add_argument("--act", choices=["quickgelu", "gelu"], default="quickgelu", help="MLP activation")
     p.add_argument("--rep", type=int, default=None, help="timed repetitions per case")
-    p.add_argument("--csv", default=None, help="CSV to append to ('none' to skip)")
+    add_output_arguments(p)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser("towers", __doc__)
     add_arguments(p)
     args = p.parse_args(argv)
     if args.rep is None:

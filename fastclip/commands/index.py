@@ -59,7 +59,7 @@ def load_index(index: str) -> Tuple[dict, torch.Tensor, List[str]]:
     return meta, emb, paths
 
 
-def index_main(argv=None) -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastclip index", description="Embed every image under a folder (recursively) "
                                 "into an index for fastclip search. Resumable: rerun to continue.")
     p.add_argument("folder")

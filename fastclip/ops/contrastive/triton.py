@@ -20,7 +20,7 @@ Kernels
   epilogue. Launched twice, for dI (A=I, B=T) and for dT (A=T, B=I, with r and c swapped): 2 GEMMs each, no
   atomics, deterministic. The dI launch also reduces d(logit_scale) = sum_i <A_i, dL/dS_i: B>.
   FLOPs: forward 2 N^2 D, backward 8 N^2 D (the design's minimum single-pass backward is 6 N^2 D but needs
-  N^2 D / BLOCK_M atomic adds for dB; see DESIGN.md "Performance").
+  N^2 D / BLOCK_M atomic adds for dB; see docs/design.md, "How performance is counted").
 
 Memory beyond inputs and gradients: O(N) fp32 (lse, column stats, locks, per-program partials).
 Accumulation is fp32 whatever the input dtype; exponentials are exp2 with log2(e) folded into the scale.
