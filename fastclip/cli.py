@@ -19,6 +19,7 @@ COMMANDS = {
     "classify": ("fastclip.commands.classify", "zero-shot labels with probabilities"),
     "moderate": ("fastclip.commands.moderate", "flag images matching a policy's categories"),
     "eval": ("fastclip.commands.evaluate", "zero-shot top-1/top-5 or retrieval recall@k"),
+    "train": ("fastclip.train.cli", "train CLIP or SigLIP: synthetic, webdataset or CSV data (fastclip train --help)"),
 }
 
 
