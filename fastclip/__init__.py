@@ -11,13 +11,14 @@
 
 ``python -m fastclip.info`` lists every backend and why it is or is not available here.
 """
-from fastclip.functional import contrastive_loss, flash_attention, siglip_loss
+from fastclip.functional import contrastive_loss, flash_attention, siglip_loss, topk_similarity
 from fastclip import nn  # noqa: F401,I001  (fastclip.nn.MultiheadAttention)
 from fastclip.losses import ContrastiveLoss, SigLIPLoss
 from fastclip.dispatch import BackendError
 
 __version__ = "0.1.0"
-__all__ = ["ContrastiveLoss", "SigLIPLoss", "contrastive_loss", "siglip_loss", "flash_attention", "BackendError",
+__all__ = ["ContrastiveLoss", "SigLIPLoss", "contrastive_loss", "siglip_loss", "flash_attention", "topk_similarity",
+           "BackendError",
            "__version__", "create_model", "create_model_from_state_dict", "list_models", "tokenize",
            "get_tokenizer", "image_transform", "from_open_clip", "to_open_clip"]
 

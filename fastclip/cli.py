@@ -14,6 +14,11 @@ import sys
 COMMANDS = {
     "info": ("fastclip.info", "versions, GPU, every backend of every op, what auto picks, the models"),
     "bench": ("fastclip.bench", "benchmarks against open_clip, SDPA and others (fastclip bench --help)"),
+    "index": ("fastclip.commands.index", "embed an image folder into a search index (resumable)"),
+    "search": ("fastclip.commands.search", "rank an index's images against a text or image query"),
+    "classify": ("fastclip.commands.classify", "zero-shot labels with probabilities"),
+    "moderate": ("fastclip.commands.moderate", "flag images matching a policy's categories"),
+    "eval": ("fastclip.commands.evaluate", "zero-shot top-1/top-5 or retrieval recall@k"),
     "train": ("fastclip.train.cli", "train CLIP or SigLIP: synthetic, webdataset or CSV data (fastclip train --help)"),
 }
 

@@ -64,3 +64,49 @@ def assert_within_naive(name: str, out: torch.Tensor, ref_hi: torch.Tensor, naiv
     assert err <= factor * naive_err + atol, (describe_error(name, out, ref_hi)
                                              + f"; naive same-dtype err {naive_err:.3e}, allowed {factor} x that"
                                              + f" + {atol:g}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature regimes for loss tests. Each returns unit-norm (image, text), (n, d), rounded to ``dtype`` (the values the
+# kernels see; compare against fp64 maths on these same rounded values).
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def confident_features(n: int, d: int, dtype: torch.dtype = torch.float32, *, scale: float = 100.0,
+                       mean_p: float = 0.9995, seed: int = 0):
+    """A trained model's features: each text a noisy copy of its image, so the diagonal softmax p_ii of
+    S = scale * I @ T.T has mean ``mean_p`` (0.9995: late in CLIP training at scale 100), per row from ~1 - 1e-2
+    to ~1 (the spread is the noise's). The image-text alignment is found by bisection in fp64 on the fp64
+    features, before rounding to ``dtype``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    img = _unit(torch.randn(n, d, generator=gen, dtype=torch.float64))
+    noise = _unit(torch.randn(n, d, generator=gen, dtype=torch.float64))
+
+    def mean_diag_p(w: float) -> float:
+        txt = _unit(w * img + noise)
+        return (scale * img @ txt.T).softmax(dim=1).diagonal().mean().item()
+
+    lo, hi = 0.0, 1e3  # mean_diag_p grows with the weight w of the image in its text
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_diag_p(mid) < mean_p else (lo, mid)
+    txt = _unit(hi * img + noise)
+    return img.to(dtype), txt.to(dtype)
+
+
+def uniform_features(n: int, d: int, dtype: torch.dtype = torch.float32, *, seed: int = 0):
+    """All features equal (the start of training, collapsed): every logit is the same, every softmax uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    v = _unit(torch.randn(1, d, generator=gen, dtype=torch.float64)).expand(n, d)
+    return v.to(dtype).clone(), v.to(dtype).clone()
+
+
+def rel_norm_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64 (0 when both are 0)."""
+    den = ref.double().norm().item()
+    num = (out.double() - ref.double()).norm().item()
+    return num / den if den else num

@@ -274,3 +274,30 @@ def test_sweep(lib, kind):
         stride = d + 8 * int(rng.integers(0, 3))
         test_forward_stats(lib, n, d, scale, stride, None, kind)
         test_backward_both_roles(lib, n, d, scale, float(rng.choice([0.0, 0.1])), None, stride, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mean_p", [0.9995, 0.99999])
+def test_confident_regime_gradients(lib, kind, mean_p):
+    """Trained-model features (mean p_ii > 0.999 at scale 100): both feature gradients within 1% (relative norm)
+    of fp64 on the same rounded inputs. ds is formed in fp32, targets included, before it is rounded."""
+    import torch
+
+    from fastclip.ops.contrastive.reference import contrastive_loss_ref
+
+    from .helpers import confident_features, rel_norm_err
+
+    n, d, scale = 40, 32, 100.0
+    img, txt = confident_features(n, d, torch.float16 if kind == "fp16" else torch.bfloat16, mean_p=mean_p)
+    ib, tb = emulator.to_bits(img.float().numpy(), kind), emulator.to_bits(txt.float().numpy(), kind)
+    rm, rs, cm, cs = fwd(lib, kind, ib, tb, n, d, scale)
+    row = np.stack([rm, np.log2(rs)]).astype(np.float32)
+    col = np.stack([cm, np.log2(cs)]).astype(np.float32)
+    coef = scale / (2 * n)
+    g_img = coef * bwd(lib, kind, ib, tb, n, d, scale, row, col, 2.0, 0.0)
+    g_txt = coef * bwd(lib, kind, tb, ib, n, d, scale, col, row, 2.0, 0.0)
+    leaves = [img.double().requires_grad_(), txt.double().requires_grad_()]
+    ref = torch.autograd.grad(contrastive_loss_ref(*leaves, torch.tensor(scale, dtype=torch.float64)), leaves)
+    for name, got, r in (("d_image", g_img, ref[0]), ("d_text", g_txt, ref[1])):
+        err = rel_norm_err(torch.from_numpy(got), r)
+        assert err <= 1e-2, f"{name}: relative norm error {err:.3e}"

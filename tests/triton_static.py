@@ -161,10 +161,10 @@ def case_configs(fn, kw) -> set:
     """{(kernel, config)} that one case's launches pick, from the launchers' own config functions (no compile)."""
     dtype = DTYPES[kw["dtype"]]
     if fn is launch_contrastive:
-        return {("contrastive_fwd", _freeze(CON._fwd_config(kw["n"], kw["d"], dtype))),
-                ("contrastive_bwd", _freeze(CON._bwd_config(kw["n"], kw["d"], dtype)))}
+        return {("contrastive_fwd", _freeze(CON.fwd_config(kw["n"], kw["d"], dtype))),
+                ("contrastive_bwd", _freeze(CON.bwd_config(kw["n"], kw["d"], dtype)))}
     if fn is launch_siglip:
-        return {(f"siglip_{'grad' if grad else 'loss'}", _freeze(SIG._config(kw["n"], kw["d"], dtype, grad)))
+        return {(f"siglip_{'grad' if grad else 'loss'}", _freeze(SIG.config(kw["n"], kw["d"], dtype, grad)))
                 for grad in (False, True)}
     s, hd = kw["seq"], kw["head_dim"]
     return {("attention_fwd", _freeze(ATT._fwd_config(s, s, hd, dtype))),
@@ -194,7 +194,7 @@ def every_config() -> set:
 def all_cases():
     """One launch per distinct config over CLIP-like inputs, then the flag variants at typical shapes."""
     cases, seen = [], set()
-    for fn, kw in _candidates((16, 32, 64, 128, 256, 512, 768, 1024, 2048), (16, 32, 64, 80, 128), (77, 577),
+    for fn, kw in _candidates((16, 32, 64, 128, 256, 512, 768, 1024, 2048), (16, 32, 48, 64, 80, 96, 128), (77, 577),
                               ("bf16", "fp32")):
         new = case_configs(fn, kw) - seen
         if new:

@@ -14,6 +14,7 @@ BENCHES = {
     "siglip": ("fastclip.bench.siglip", "the SigLIP sigmoid loss: fastclip against open_clip"),
     "attention": ("fastclip.bench.attention", "attention at CLIP's shapes: fastclip against every SDPA backend"),
     "towers": ("fastclip.bench.towers", "a training step of the CLIP towers: fastclip against open_clip"),
+    "topk": ("fastclip.bench.topk", "top-k similarity search: fastclip against FAISS and torch.topk"),
     "train": ("fastclip.bench.train", "a training step at growing batch: fastclip train against open_clip_train"),
 }
 

@@ -7,9 +7,14 @@ matrix never exists. The maths is that of the Triton kernels (see ``fastclip/ops
     r_i = logsumexp_j S_ij,  c_j = logsumexp_i S_ij      (row and column log-sum-exp, each kept as a max m
                                                           and a log-sum ls; backward forms (S - m) - ls,
                                                           exact to rounding where m + ls would round at |S|)
-    loss = sum_i (r_i + c_i) / (2N) - (1 - eps) * mean_i S_ii - eps * mean_ij S_ij
+    loss = (1 - eps) mean_i (-log P_ii - log Q_ii) / 2 + eps (sum_i (r_i + c_i) / (2N) - mean_ij S_ij)
     dL/dS_ij = g / (2N) * (P_ij + Q_ij - 2 (1 - eps) [i == j] - 2 eps / N),
         P_ij = exp(S_ij - r_i), Q_ij = exp(S_ij - c_j)
+
+Confident rows (P_ii -> 1, late in training at scale 100) are where naive fp32 maths fails: lse_i - S_ii and
+P_ii - 1 are differences of nearly equal numbers. So the log-sum is log1p of the "rest" (the sum of exp(S - m)
+minus the max's own 1, never formed as 1 + rest), -log P_ii = (m_i - S_ii) + ls_i (exactly ls_i where the diagonal
+is the max), and the backward forms P_ii - 1 = expm1(S_ii - r_i) in the tile, before any GEMM or rounding.
 
 Forward makes one pass (row lse per chunk, column lse merged online); backward one pass that recomputes each
 chunk and forms dA and dB (3 GEMMs per chunk). Accumulation is in fp32 (fp64 for fp64 inputs).
@@ -51,33 +56,59 @@ def _prepare(image, text, scale, bias, chunk_size):
     return n, dt, image.to(dt), text.to(dt), s_val, b_val, default_chunk(n, chunk_size)
 
 
+def merge_partials(m: torch.Tensor, rest: torch.Tensor, exp=torch.exp):
+    """Merge G log-sum-exp partials along dim 0, each (max m, rest r) with sum_k exp(x_k - m) = 1 + r over its part.
+
+    Keeping r = (sum - 1) rather than the sum keeps a confident row exact: when one logit dominates, r ~ 1 - p is
+    tiny and 1 + r would round it away. The merge never forms 1 + r of the part holding the max (the first such
+    part, so the result does not depend on anything but the inputs). An empty part is (-inf, -1). ``exp``: the
+    base's exponential (``torch.exp2`` for base-2 partials). Returns (max, rest), each shape m.shape[1:].
+    """
+    top = m.argmax(dim=0, keepdim=True)
+    m_max = m.gather(0, top)
+    m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
+    first = torch.arange(m.shape[0], device=m.device).view(-1, *([1] * (m.dim() - 1))) == top
+    terms = torch.where(first, rest, (1 + rest) * exp(m - m_safe))
+    return m_max.squeeze(0), terms.sum(dim=0)
+
+
+def rest_stats(s: torch.Tensor, dim: int):
+    """(max, rest) of ``s`` along ``dim``: rest = sum exp(s - max) - 1, the maxima counted as exactly 1 each."""
+    m = s.amax(dim=dim, keepdim=True)
+    top = s == m
+    rest = torch.exp(s - m).masked_fill_(top, 0.0).sum(dim=dim) + (top.sum(dim=dim) - 1)
+    return m.squeeze(dim), rest
+
+
 def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                     label_smoothing: float, chunk_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, row_stats, col_stats); loss is 0-d in the accumulation dtype, stats (2, N) = (max, log-sum)."""
+    """Returns (loss, row_stats, col_stats); loss is 0-d in the accumulation dtype, stats (2, N) = (max, log-sum).
+
+    The loss is formed from -log p_ii = (m_i - S_ii) + log-sum_i, exact to rounding even where p_ii -> 1 (a plain
+    lse_i - S_ii would cancel to nothing at |S| = 100).
+    """
     n, dt, a, b, s_val, b_val, chunk = _prepare(image, text, scale, bias, chunk_size)
     row_stats = torch.empty(2, n, dtype=dt, device=image.device)
+    diag = torch.empty(n, dtype=dt, device=image.device)
     col_max = torch.full((n,), float("-inf"), dtype=dt, device=image.device)
-    col_sum = torch.zeros(n, dtype=dt, device=image.device)
+    col_rest = torch.full((n,), -1.0, dtype=dt, device=image.device)
     for i0 in range(0, n, chunk):
         s = _logits(a[i0:i0 + chunk], b, s_val, b_val)  # (C, N)
-        m = s.amax(dim=1)
+        diag[i0:i0 + s.shape[0]] = s.diagonal(i0)
+        m, rest = rest_stats(s, dim=1)
         row_stats[0, i0:i0 + chunk] = m
-        row_stats[1, i0:i0 + chunk] = torch.exp(s - m[:, None]).sum(dim=1).log_()
-        # -- merge this chunk's column statistics into the running (max, sum of exp)
-        m_new = torch.maximum(col_max, s.amax(dim=0))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        col_sum = col_sum * torch.exp(col_max - m_safe) + torch.exp(s - m_safe).sum(dim=0)
-        col_max = m_new
+        row_stats[1, i0:i0 + chunk] = torch.log1p(rest)
+        m_c, rest_c = rest_stats(s, dim=0)
+        col_max, col_rest = merge_partials(torch.stack([col_max, m_c]), torch.stack([col_rest, rest_c]))
         del s
-    m_safe = torch.where(torch.isinf(col_max), torch.zeros_like(col_max), col_max)
-    col_stats = torch.stack([m_safe, torch.log(col_sum)])
-    diag = s_val * _rowdot(a, b, chunk)  # S_ii, (N,)
-    mean_all = s_val * (a.mean(dim=0) @ b.mean(dim=0))
-    if b_val is not None:
-        diag = diag + b_val
-        mean_all = mean_all + b_val
-    loss = (row_stats.sum() + col_stats.sum()) / (2 * n) - (1 - label_smoothing) * diag.mean() - label_smoothing * mean_all
+    col_stats = torch.stack([col_max, torch.log1p(col_rest)])
+    # -log p_ii and -log q_ii: (m - S_ii) is exactly 0 where the diagonal is the max
+    nll = (row_stats[0] - diag) + row_stats[1] + (col_max - diag) + col_stats[1]  # (N,)
+    loss = (1 - label_smoothing) * nll.mean() / 2
+    if label_smoothing:
+        mean_all = s_val * (a.mean(dim=0) @ b.mean(dim=0)) + (b_val if b_val is not None else 0.0)
+        loss = loss + label_smoothing * ((row_stats.sum() + col_stats.sum()) / (2 * n) - mean_all)
     return loss, row_stats, col_stats
 
 
@@ -90,33 +121,34 @@ def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
                     bias: Optional[torch.Tensor], row_stats: torch.Tensor, col_stats: torch.Tensor,
                     label_smoothing: float, chunk_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (d_image, d_text, d_scale) for the upstream gradient ``grad`` of the 0-d loss."""
+    """Returns (d_image, d_text, d_scale) for the upstream gradient ``grad`` of the 0-d loss.
+
+    Each chunk's G = 2N dL/dS / g is formed whole, targets included, before its GEMMs: on the diagonal
+    P_ii - 1 = expm1(S_ii - lse_i), so a confident row's small gradient is never the difference of two large
+    accumulated terms.
+    """
     n, dt, a, b, s_val, b_val, chunk = _prepare(image, text, scale, bias, chunk_size)
     m_r, ls_r = row_stats.to(dt)
     m_c, ls_c = col_stats.to(dt)
-    # acc_a = sum_j (P + Q)_ij B_j ; acc_b = sum_i (P + Q)_ij A_i   (the softmax parts; corrections below)
-    acc_a = torch.empty_like(a)
-    acc_b = torch.zeros_like(b)
+    eps = label_smoothing
+    acc_a = torch.empty_like(a)  # sum_j G_ij B_j
+    acc_b = torch.zeros_like(b)  # sum_i G_ij A_i
     for i0 in range(0, n, chunk):
         s = _logits(a[i0:i0 + chunk], b, s_val, b_val)  # (C, N)
-        g = (s - m_r[i0:i0 + chunk, None]).sub_(ls_r[i0:i0 + chunk, None]).exp_()
+        rows = slice(i0, i0 + s.shape[0])
+        s_ii = s.diagonal(i0).clone()
+        g = (s - m_r[rows, None]).sub_(ls_r[rows, None]).exp_()
         g += s.sub_(m_c[None, :]).sub_(ls_c[None, :]).exp_()
-        acc_a[i0:i0 + chunk] = g @ b
-        acc_b.addmm_(g.T, a[i0:i0 + chunk])
+        # the targets: -2 (1 - eps) on the diagonal, -2 eps / N everywhere
+        g.diagonal(i0).copy_(torch.expm1((s_ii - m_r[rows]) - ls_r[rows])
+                             + torch.expm1((s_ii - m_c[rows]) - ls_c[rows]) + 2 * eps)
+        if eps:
+            g -= 2 * eps / n
+        acc_a[rows] = g @ b
+        acc_b.addmm_(g.T, a[rows])
         del s, g
-    acc_a = apply_label_corrections(acc_a, b, label_smoothing)
-    acc_b = apply_label_corrections(acc_b, a, label_smoothing)
     coef = grad.to(dt) / (2 * n)
     d_scale = coef * (a * acc_a).sum()
     d_image = (coef * s_val) * acc_a
     d_text = (coef * s_val) * acc_b
     return d_image.to(image.dtype), d_text.to(text.dtype), d_scale.reshape(scale.shape).to(scale.dtype)
-
-
-def apply_label_corrections(acc: torch.Tensor, other: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """acc_i - 2 (1 - eps) other_i - (2 eps / N) sum_j other_j: the one-hot and smoothing terms of dL/dS @ other."""
-    n = other.shape[0]
-    acc = acc.sub_(other, alpha=2.0 * (1.0 - label_smoothing))
-    if label_smoothing:
-        acc = acc.sub_(other.sum(dim=0, keepdim=True), alpha=2.0 * label_smoothing / n)
-    return acc

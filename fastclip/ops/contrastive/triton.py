@@ -4,26 +4,40 @@ Notation: A = image features, B = text features, both (N, D); s = logit_scale (a
 S = s * A @ B.T + b is (N, N) and is never written to memory, only formed tile by tile in registers.
 
     r_i = logsumexp_j S_ij      c_j = logsumexp_i S_ij
-    (each saved as a max and a log-sum, m + log(l): a single fp32 lse near |S| = 100 rounds to 8e-6, and the
-    recomputed softmax rows would no longer sum to one; (S - m) - log(l) keeps them exact to rounding)
-    loss = sum_i (r_i + c_i) / (2N) - (1 - eps) mean_i S_ii - eps mean_ij S_ij          (eps: label smoothing)
-    dL/dS_ij = g / (2N) (P_ij + Q_ij - 2 (1 - eps) [i == j] - 2 eps / N)
+    loss = (1 - eps) mean_i (-log P_ii - log Q_ii) / 2 + eps (sum_i (r_i + c_i) / (2N) - mean_ij S_ij)
+    dL/dS_ij = g / (2N) (P_ij + Q_ij - 2 (1 - eps) [i == j] - 2 eps / N)             (eps: label smoothing)
     P_ij = exp(S_ij - r_i)      Q_ij = exp(S_ij - c_j)
 
-Kernels
-- ``_contrastive_fwd_kernel``: one program per BLOCK_M rows walks every column block once (1 GEMM in all). Row
-  log-sum-exp stays in registers (online softmax); each tile's column (max, sum-of-exp) is merged into a global
-  (N,) buffer under a per-column-block spin lock, so the column log-sum-exp needs no second pass and no
-  (N / BLOCK_M) x N scratch. Programs start at different column blocks, so they seldom wait on the same lock.
-- ``_contrastive_bwd_kernel``: one program per BLOCK_M rows of A recomputes the tiles and accumulates
-  dA_i = sum_j dL/dS_ij B_j in registers; the one-hot and smoothing terms are rank-one and are applied in the
-  epilogue. Launched twice, for dI (A=I, B=T) and for dT (A=T, B=I, with r and c swapped): 2 GEMMs each, no
-  atomics, deterministic. The dI launch also reduces d(logit_scale) = sum_i <A_i, dL/dS_i: B>.
-  FLOPs: forward 2 N^2 D, backward 8 N^2 D (the design's minimum single-pass backward is 6 N^2 D but needs
-  N^2 D / BLOCK_M atomic adds for dB; see docs/design.md, "How performance is counted").
+Numerics where the model is confident (P_ii -> 1 at scale 100, late in training): r_i - S_ii and P_ii - 1 are
+differences of nearly equal numbers, which fp32 (let alone fp16/bf16) rounds away. So
+- each log-sum-exp is kept as (max m, log-sum ls) with ls = log1p(rest), rest = sum_j exp(S_ij - m) - 1 counting
+  the max as exactly 1 (never formed as 1 + rest, which would round a confident row's rest to nothing);
+- S_ii has one definition, <A_i, B_i> by one torch op that forward and backward both call, substituted into the
+  tiles (a recomputed GEMM may round differently on another tile shape: 1e-5 at |S| = 100 would swamp 1 - P_ii);
+- -log P_ii = (m_i - S_ii) + ls_i: exactly ls_i where the diagonal is the max;
+- the backward forms each tile of dL/dS whole in fp32, targets included, before rounding it for the second GEMM:
+  P_ii - 1 = expm1(S_ii - r_i) on the diagonal (Kahan's expm1), -2 eps / N everywhere.
+Statistics are saved in base 2 (the kernels use exp2 with log2(e) folded into the scale): (2, N) = (m, ls).
 
-Memory beyond inputs and gradients: O(N) fp32 (lse, column stats, locks, per-program partials).
-Accumulation is fp32 whatever the input dtype; exponentials are exp2 with log2(e) folded into the scale.
+Kernels
+- ``_contrastive_fwd_kernel``: a G_r x G_c grid. Program (r, c) takes row blocks r*R ... (r+1)*R - 1 in turn and,
+  for each, the column blocks c*C ... (c+1)*C - 1 (one GEMM pass in all). It keeps the row statistics of its column
+  range in registers and merges each tile's column statistics into its own slot of a (2, G_r, N) buffer; no
+  location is written by two programs, so there are no locks and no atomics, and every merge happens in a fixed
+  order: loss and statistics are bitwise identical run to run. The (column block, K step) loop is one flat loop,
+  so the loads stay pipelined across column blocks. A few O(N) torch ops merge the G_c row partials and
+  the G_r column partials (in a fixed order too). Memory: 2 (G_r + G_c) N + N fp32 (G = 16: 65 N floats, 17 MB at
+  N = 65,536).
+- ``_contrastive_bwd_kernel``: program (i, k) owns BLOCK_M rows of A and the k-th BLOCK_D slice of D and sweeps
+  every column block: S tile (GEMM 1), dL/dS tile in fp32, acc += G @ B_j[:, slice] (GEMM 2). Where D fits one
+  slice (BLOCK_K = BLOCK_D), A's rows stay resident and each B tile is loaded once for both GEMMs. Launched twice,
+  for dI (A=I, B=T) and for dT (A=T, B=I, with r and c swapped): no atomics, deterministic. The dI launch also
+  reduces d(logit_scale) = sum_i <A_i, dL/dS_i: B>. FLOPs: forward 2 N^2 D, backward 8 N^2 D (plus one GEMM 1 per
+  extra D slice).
+
+Tiles: one table per kernel (``FWD_CONFIGS``, ``BWD_CONFIGS``), which the launchers read after the tuned table
+``fastclip/data/triton_configs.json`` (see ``fastclip/ops/tuned.py``); a normal run never autotunes.
+Accumulation is fp32 whatever the input dtype.
 """
 from __future__ import annotations
 
@@ -34,6 +48,8 @@ import triton
 import triton.language as tl
 
 from fastclip.dispatch import triton_interpret
+from fastclip.ops.contrastive.pytorch import merge_partials
+from fastclip.ops.tuned import tuned_config
 
 # constexpr: compiled kernels may read only constexpr globals (the interpreter does not enforce this)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -58,103 +74,131 @@ def _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stri
 
 
 @triton.jit
+def _expm1_2(t):
+    """2^t - 1, exact to rounding for small |t| (Kahan: (u - 1) t / log2(u) with u = 2^t, the errors cancel)."""
+    u = tl.exp2(t)
+    one = u == 1.0
+    kahan = (u - 1.0) * t / tl.log2(tl.where(one | (t <= -1.0), 2.0, u))
+    return tl.where(one, t * LN2, tl.where(t > -1.0, kahan, u - 1.0))
+
+
+@triton.jit
+def _rest_stats(s, AXIS: tl.constexpr):
+    """(max, rest) of a base-2 tile along AXIS: rest = sum 2^(s - max) - 1, each maximum counting exactly 1.
+    A line of -inf only (outside the matrix) gives (-inf, -1), the empty partial."""
+    m = tl.max(s, axis=AXIS)
+    m_b = tl.expand_dims(m, AXIS)
+    top = s == m_b
+    e = tl.where(top, 0.0, tl.exp2(s - tl.where(m_b == float("-inf"), 0.0, m_b)))
+    rest = tl.sum(e, axis=AXIS) + (tl.sum(top.to(tl.float32), axis=AXIS) - 1.0)
+    return m, tl.where(m == float("-inf"), -1.0, rest)
+
+
+@triton.jit
+def _merge(m1, r1, m2, r2):
+    """Merge two (max, rest) partials (base 2) without forming 1 + rest of the one that holds the max."""
+    m = tl.maximum(m1, m2)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m, tl.where(m1 >= m2, r1 + (1.0 + r2) * tl.exp2(m2 - m_safe), r2 + (1.0 + r1) * tl.exp2(m1 - m_safe))
+
+
+@triton.jit
+def _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2):
+    """The tile with its diagonal replaced by S_ii from DIAG: forward and backward then see the very same S_ii
+    (a recomputed GEMM may round differently), so P_ii - 1 = expm1(S_ii - r_i) is exact where the diagonal is the
+    row's max, whatever the tile shapes."""
+    s_ii = tl.load(DIAG + offs_m, mask=mask_m, other=0.0) * scale2 + bias2
+    return tl.where(offs_m[:, None] == offs_n[None, :], s_ii[:, None], s)
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     A, B, SCALE, BIAS,                     # features (N, D); 0-d scale and bias
-    ROW_STATS, DIAG,                       # (2, N) fp32 out: row max and log2-sum (base 2); (N,) fp32 out: S_ii
-    COL_MAX, COL_SUM, LOCKS,               # (N,) fp32 running column max / sum of exp2 (base 2); (cdiv(N, BLOCK_N),) int32
-    N, D,
+    ROW_PART,                              # (2, G_c, N) fp32 out: (max, rest) of row i over column range c
+    COL_PART,                              # (2, G_r, N) fp32 in/out (filled with (-inf, -1)): column j, row range r
+    DIAG,                                  # (N,) fp32: <A_i, B_i> (``_diag_dots``), S_ii's one definition
+    N, D, rb_per, cb_per, G_R, G_C,        # row / column blocks per program; grid (G_R, G_C)
     stride_am, stride_ak, stride_bn, stride_bk,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Row log-sum-exp and diagonal for rows [pid * BLOCK_M, ...); column statistics merged into COL_MAX/COL_SUM."""
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N
-    rows = offs_m.to(tl.int64)
-    scale = tl.load(SCALE).to(tl.float32)
+    """Row and column (max, rest) partials of S (base 2) over this program's row blocks x column blocks."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rb1 = tl.minimum(pid_r * rb_per + rb_per, tl.cdiv(N, BLOCK_M))
+    cb0 = pid_c * cb_per
+    cb1 = tl.minimum(cb0 + cb_per, tl.cdiv(N, BLOCK_N))
+    scale2 = tl.load(SCALE).to(tl.float32) * LOG2E
     if HAS_BIAS:
-        bias = tl.load(BIAS).to(tl.float32)
+        bias2 = tl.load(BIAS).to(tl.float32) * LOG2E
     else:
-        bias = 0.0
-    # work in base 2: S2 = log2(e) * S
-    scale2 = scale * LOG2E
-    bias2 = bias * LOG2E
-
-    # -- positive pairs: S_ii = s <A_i, B_i> + b
-    dot_ii = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = mask_m[:, None] & (offs_k < D)[None, :]
-        a = tl.load(A + rows[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=mask, other=0.0)
-        b = tl.load(B + rows[:, None] * stride_bn + offs_k[None, :] * stride_bk, mask=mask, other=0.0)
-        dot_ii += tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1)
-    tl.store(DIAG + offs_m, scale * dot_ii + bias, mask=mask_m)
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    num_blocks_n = tl.cdiv(N, BLOCK_N)
-    for step in range(0, num_blocks_n):
-        # staggered start: program p visits column blocks p, p+1, ... so concurrent programs hold different locks
-        jb = (pid + step) % num_blocks_n
-        offs_n = jb * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        s = _logits_tile(A, B, rows, offs_n.to(tl.int64), mask_m, mask_n, D, stride_am, stride_ak, stride_bn,
-                         stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-        s = s * scale2 + bias2
-        s = tl.where(mask_m[:, None] & mask_n[None, :], s, float("-inf"))
-
-        # -- update m_i and l_i (row statistics, online)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past N see only -inf
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
-        m_i = m_new
-
-        # -- this tile's column statistics
-        m_c = tl.max(s, axis=0)
-        m_c_use = tl.where(m_c == float("-inf"), 0.0, m_c)
-        l_c = tl.sum(tl.exp2(s - m_c_use[None, :]), axis=0)
-
-        # -- merge them into the global column statistics, under the column block's lock
-        lock = LOCKS + jb
-        while tl.atomic_cas(lock, 0, 1) == 1:
-            pass
-        # .cg: read from L2, never a stale L1 line written before another program's update
-        m_old = tl.load(COL_MAX + offs_n, mask=mask_n, other=float("-inf"), cache_modifier=".cg")
-        l_old = tl.load(COL_SUM + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-        m_g = tl.maximum(m_old, m_c)
-        m_g_use = tl.where(m_g == float("-inf"), 0.0, m_g)
-        l_g = l_old * tl.exp2(m_old - m_g_use) + l_c * tl.exp2(m_c_use - m_g_use)
-        tl.store(COL_MAX + offs_n, m_g, mask=mask_n)
-        tl.store(COL_SUM + offs_n, l_g, mask=mask_n)
-        tl.debug_barrier()  # every thread's stores are issued before the lock is released
-        tl.atomic_xchg(lock, 0)
-
-    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    tl.store(ROW_STATS + offs_m, m_use, mask=mask_m)
-    tl.store(ROW_STATS + N + offs_m, tl.log2(tl.where(mask_m, l_i, 1.0)), mask=mask_m)
+        bias2 = 0.0
+    for rb in range(pid_r * rb_per, rb1):
+        row0 = rb * BLOCK_M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        rows = offs_m.to(tl.int64)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        r_i = tl.full((BLOCK_M,), -1.0, dtype=tl.float32)
+        tl.debug_barrier()  # the previous row block's column partials are visible to every thread
+        # one flat loop over (column block, K step): the loads stay pipelined across column blocks (a nested K
+        # loop would drain the pipeline at the end of every column block)
+        n_k = tl.cdiv(D, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for it in tl.range(0, (cb1 - cb0) * n_k):
+            cb = cb0 + it // n_k
+            offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            offs_k = (it % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < D
+            a = tl.load(A + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+            b = tl.load(B + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk,
+                        mask=mask_n[None, :] & mask_k[:, None], other=0.0)  # (BLOCK_K, BLOCK_N)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if it % n_k == n_k - 1:
+                # the tile of logits is complete: its statistics
+                s = tl.where(mask_m[:, None] & mask_n[None, :], acc * scale2 + bias2, float("-inf"))
+                if (cb * BLOCK_N < row0 + BLOCK_M) & (cb * BLOCK_N + BLOCK_N > row0):
+                    s = _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2)
+                m_t, r_t = _rest_stats(s, 1)
+                m_i, r_i = _merge(m_i, r_i, m_t, r_t)
+                # this program's own column partial: read, merge, write (no other program touches it)
+                col = COL_PART + pid_r * N + offs_n
+                m_c, r_c = _rest_stats(s, 0)
+                m_c, r_c = _merge(tl.load(col, mask=mask_n, other=float("-inf")),
+                                  tl.load(col + G_R * N, mask=mask_n, other=-1.0), m_c, r_c)
+                tl.store(col, m_c, mask=mask_n)
+                tl.store(col + G_R * N, r_c, mask=mask_n)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        row = ROW_PART + pid_c * N + offs_m
+        tl.store(row, m_i, mask=mask_m)
+        tl.store(row + G_C * N, r_i, mask=mask_m)
 
 
 @triton.jit
 def _contrastive_bwd_kernel(
     A, B, SCALE, BIAS, GRAD,               # features (N, D); 0-d scale, bias, upstream gradient
     STATS_A, STATS_B,                      # (2, N) fp32 (max, log2-sum), base 2: of A's rows of S and of B's
-    SUM_B,                                 # (D,) fp32 sum_j B_j (read only with label smoothing)
-    DA, DSCALE_PART,                       # (N, D) out in A's dtype; (cdiv(N, BLOCK_M),) fp32 out
+    DIAG,                                  # (N,) fp32: <A_i, B_i>, as the forward used it
+    DA, DSCALE_PART,                       # (N, D) out in A's dtype; (cdiv(N, BLOCK_M), cdiv(D, BLOCK_D)) fp32 out
     N, D, label_smoothing,
     stride_am, stride_ak, stride_bn, stride_bk, stride_dam, stride_dak,
     HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_DSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dA_i = g s / (2N) (sum_j (P_ij + Q_ij) B_j - 2 (1 - eps) B_i - 2 eps / N sum_j B_j) for BLOCK_M rows."""
+    """dA_i[slice] = g s / (2N) sum_j G_ij B_j[slice], G = P + Q - 2 (1 - eps) I - 2 eps / N, for BLOCK_M rows."""
     pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_d = tl.program_id(1)
+    row0 = pid * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     rows = offs_m.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
     scale = tl.load(SCALE).to(tl.float32)
     if HAS_BIAS:
         bias2 = tl.load(BIAS).to(tl.float32) * LOG2E
@@ -163,45 +207,115 @@ def _contrastive_bwd_kernel(
     scale2 = scale * LOG2E
     m_a = tl.load(STATS_A + offs_m, mask=mask_m, other=0.0)
     ls_a = tl.load(STATS_A + N + offs_m, mask=mask_m, other=0.0)
+    # one slice holds all of D (the launcher's promise when BLOCK_K == BLOCK_D): A stays resident
+    ONE_TILE: tl.constexpr = BLOCK_K == BLOCK_D
+    a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ak, mask=mask_md, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    num_blocks_n = tl.cdiv(N, BLOCK_N)
-    for jb in range(0, num_blocks_n):
+    for jb in tl.range(0, tl.cdiv(N, BLOCK_N), num_stages=NUM_STAGES):
         offs_n = jb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         cols = offs_n.to(tl.int64)
-        # -- recompute the tile of logits (base 2) and its softmax weights P + Q
-        s = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
-                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        b = tl.load(B + cols[:, None] * stride_bn + offs_d[None, :] * stride_bk,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D), for both GEMMs
+        if ONE_TILE:
+            s = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)
+        else:
+            s = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
+                             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         s = s * scale2 + bias2
+        on_diagonal = (jb * BLOCK_N < row0 + BLOCK_M) & (jb * BLOCK_N + BLOCK_N > row0)
+        if on_diagonal:
+            s = _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2)
         m_b = tl.load(STATS_B + offs_n, mask=mask_n, other=0.0)
         ls_b = tl.load(STATS_B + N + offs_n, mask=mask_n, other=0.0)
-        p = tl.exp2((s - m_a[:, None]) - ls_a[:, None]) + tl.exp2((s - m_b[None, :]) - ls_b[None, :])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        # -- acc += (P + Q) @ B_j
-        b = tl.load(B + cols[:, None] * stride_bn + offs_d[None, :] * stride_bk,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+        t_a = (s - m_a[:, None]) - ls_a[:, None]  # log2 P
+        t_b = (s - m_b[None, :]) - ls_b[None, :]  # log2 Q
+        g = tl.exp2(t_a) + tl.exp2(t_b)
+        if on_diagonal:
+            # the targets: (P_ii - 1) + (Q_ii - 1) + 2 eps, in fp32 before any rounding
+            g = tl.where(offs_m[:, None] == offs_n[None, :],
+                         _expm1_2(t_a) + _expm1_2(t_b) + 2.0 * label_smoothing, g)
+        if HAS_SMOOTHING:
+            g = g - 2.0 * label_smoothing / N
+        g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
+        acc = tl.dot(g.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
 
-    # -- the targets' terms are rank one: - 2 (1 - eps) B_i - (2 eps / N) sum_j B_j
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    b_ii = tl.load(B + rows[:, None] * stride_bn + offs_d[None, :] * stride_bk, mask=mask_md, other=0.0)
-    acc = acc - (2.0 * (1.0 - label_smoothing)) * b_ii.to(tl.float32)
-    if HAS_SMOOTHING:
-        sum_b = tl.load(SUM_B + offs_d, mask=mask_d, other=0.0)
-        acc = acc - (2.0 * label_smoothing / N) * sum_b[None, :]
     coef = tl.load(GRAD).to(tl.float32) / (2.0 * N)
     if COMPUTE_DSCALE:
-        # d(logit_scale) = sum_ij dL/dS_ij <A_i, B_j> = coef * sum_i <A_i, acc_i>
-        a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ak, mask=mask_md, other=0.0)
-        tl.store(DSCALE_PART + pid, coef * tl.sum(tl.sum(a.to(tl.float32) * acc, axis=1), axis=0))
+        # d(logit_scale) = sum_ij dL/dS_ij <A_i, B_j> = coef * sum_i <A_i, acc_i>, this slice's share
+        tl.store(DSCALE_PART + pid * tl.num_programs(1) + pid_d,
+                 coef * tl.sum(tl.sum(a.to(tl.float32) * acc, axis=1), axis=0))
     da = acc * (coef * scale)
     tl.store(DA + rows[:, None] * stride_dam + offs_d[None, :] * stride_dak, da.to(DA.dtype.element_ty),
              mask=mask_md)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers: shapes, allocation, grid, block sizes.
+# Tiles. One table per kernel; ``tuned_config`` prefers a measured entry of fastclip/data/triton_configs.json.
+
+# Forward, by input dtype class: (BLOCK_M, BLOCK_N) logit tiles reduced over D in BLOCK_K steps; SPLIT = the
+# largest G_r and G_c (the grid is at most SPLIT x SPLIT programs, the partial buffers 2 SPLIT N floats each).
+FWD_CONFIGS = {
+    "16bit": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, SPLIT=16),
+    "fp32": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3, SPLIT=16),
+}
+
+# Backward, by the padded feature dim: rows (largest padded D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, num_warps,
+# NUM_STAGES), for 16-bit inputs; fp32 halves BLOCK_N. BLOCK_M = 64 so both GEMMs can lower to warp-group MMA on
+# sm_90; BLOCK_K == BLOCK_D (D in one slice, B loaded once for both GEMMs) up to D = 256; beyond, the (BLOCK_M, D)
+# accumulator is split over D slices of 256 (grid axis 1), GEMM 1 recomputed per slice.
+BWD_CONFIGS = (
+    (64, 64, 64, 64, 64, 4, 3),
+    (128, 64, 64, 128, 128, 4, 3),
+    (256, 64, 64, 256, 256, 8, 2),
+    (2048, 64, 64, 256, 64, 8, 2),
+)
+
+# the interpreter (tests): small tiles, several blocks, masked edges, both backward paths at test sizes
+_INTERPRET_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, SPLIT=3)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def fwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
+    if triton_interpret():
+        return dict(_INTERPRET_FWD, BLOCK_N=16 if n <= 64 else 32)
+    return tuned_config("contrastive_fwd", n, d, dtype) or dict(FWD_CONFIGS[_dtype_class(dtype)])
+
+
+def bwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
+    block_d = _pow2(d)
+    if triton_interpret():
+        slice_d = min(block_d, 32)
+        return dict(BLOCK_M=16, BLOCK_N=16 if n <= 64 else 32, BLOCK_K=slice_d if slice_d == block_d else 16,
+                    BLOCK_D=slice_d, num_warps=4, NUM_STAGES=1)
+    tuned = tuned_config("contrastive_bwd", n, d, dtype)
+    if tuned:
+        return tuned
+    _, block_m, block_n, slice_d, block_k, warps, stages = next(t for t in BWD_CONFIGS if block_d <= t[0])
+    if dtype == torch.float32:
+        block_n = max(16, block_n // 2)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=slice_d, num_warps=warps,
+                NUM_STAGES=stages)
+
+
+def logits_tiles(d: int, dtype: torch.dtype) -> dict:
+    """GPU tiles for a loss-only sweep of (BLOCK_M, BLOCK_N) logit tiles (SigLIP's no-gradient pass)."""
+    cfg = dict(FWD_CONFIGS[_dtype_class(dtype)])
+    del cfg["SPLIT"]
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], _pow2(d))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: shapes, allocation, grid.
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -212,51 +326,6 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(x))
-
-
-def _fwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
-    if triton_interpret():
-        # small tiles: exercise several blocks and the masked edges at test sizes
-        return dict(BLOCK_M=16, BLOCK_N=16 if n <= 64 else 32, BLOCK_K=16, num_warps=4, num_stages=1)
-    return logits_tiles(d, dtype)
-
-
-def logits_tiles(d: int, dtype: torch.dtype) -> dict:
-    """GPU tiles for a kernel that reduces (BLOCK_M, BLOCK_N) logit tiles over D (also SigLIP's loss-only pass).
-
-    64 x 128 at 8 warps: 221 registers, no spills on sm_90 (128 x 128 spills: the row and column reductions keep
-    several tiles live). Untimed.
-    """
-    block_k = 64 if dtype != torch.float32 else 32
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=min(block_k, _pow2(d)), num_warps=8, num_stages=3)
-
-
-# Backward tiles by BLOCK_D (the padded feature dim): (largest BLOCK_D, BLOCK_M, BLOCK_N for 16-bit inputs,
-# num_warps); fp32 inputs halve BLOCK_N. The (BLOCK_M, BLOCK_D) fp32 accumulator lives in registers, so BLOCK_M
-# shrinks as D grows. Chosen so that ptxas for sm_90 reports no register spills (a few bytes at D = 512, 832 bytes
-# at D = 2048); untimed.
-_BWD_TILES = ((128, 64, 32, 4), (256, 64, 32, 8), (512, 32, 64, 8), (1024, 16, 32, 8), (2048, 16, 16, 8))
-
-
-def _bwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
-    if triton_interpret():
-        return dict(BLOCK_M=16, BLOCK_N=16 if n <= 64 else 32, BLOCK_K=16, BLOCK_D=_pow2(d), num_warps=4,
-                    num_stages=1)
-    return grad_tiles(d, dtype)
-
-
-def grad_tiles(d: int, dtype: torch.dtype) -> dict:
-    """GPU tiles for a kernel that accumulates a (BLOCK_M, D) gradient in registers (also SigLIP's)."""
-    block_d = _pow2(d)
-    _, block_m, block_n, warps = next(t for t in _BWD_TILES if block_d <= t[0])
-    if dtype == torch.float32:
-        block_n = max(16, block_n // 2)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(64, block_d), BLOCK_D=block_d, num_warps=warps,
-                num_stages=2)
-
-
 def _scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     # a 0-d tensor on the features' device; a dummy when absent (the kernel never reads it then)
     if t is None:
@@ -264,50 +333,71 @@ def _scalar(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t.reshape(())
 
 
+def _split(blocks: int, most: int) -> Tuple[int, int]:
+    """(blocks per program, programs): at most ``most`` programs, none of them empty."""
+    per = triton.cdiv(blocks, min(blocks, most))
+    return per, triton.cdiv(blocks, per)
+
+
 def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                     label_smoothing: float, chunk_size: Optional[int] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss fp32 0-d, row_stats, col_stats): stats (2, N) fp32 = (max, log2 of sum of exp2), base 2.
 
-    ``chunk_size`` is unused (tiles are fixed).
+    Deterministic: no atomics, every reduction in a fixed order. ``chunk_size`` is unused (tiles are fixed).
     """
     n, d = image.shape
     dev = image.device
-    cfg = _fwd_config(n, d, image.dtype)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    row_stats = torch.empty(2, n, dtype=torch.float32, device=dev)
-    diag = torch.empty(n, dtype=torch.float32, device=dev)
-    col_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
-    col_sum = torch.zeros(n, dtype=torch.float32, device=dev)
-    locks = torch.zeros(triton.cdiv(n, block_n), dtype=torch.int32, device=dev)
+    cfg = fwd_config(n, d, image.dtype)
+    split = cfg.pop("SPLIT")
+    rb_per, g_r = _split(triton.cdiv(n, cfg["BLOCK_M"]), split)
+    cb_per, g_c = _split(triton.cdiv(n, cfg["BLOCK_N"]), split)
+    row_part = torch.empty(2, g_c, n, dtype=torch.float32, device=dev)
+    col_part = torch.empty(2, g_r, n, dtype=torch.float32, device=dev)
+    col_part[0].fill_(float("-inf"))
+    col_part[1].fill_(-1.0)
+    dots = _diag_dots(image, text)
     scale_t = _scalar(scale, image)
     bias_t = _scalar(bias, image)
-    _contrastive_fwd_kernel[(triton.cdiv(n, block_m),)](
-        image, text, scale_t, bias_t, row_stats, diag, col_max, col_sum, locks,
-        n, d, image.stride(0), image.stride(1), text.stride(0), text.stride(1),
+    _contrastive_fwd_kernel[(g_r, g_c)](
+        image, text, scale_t, bias_t, row_part, col_part, dots, n, d, rb_per, cb_per, g_r, g_c,
+        image.stride(0), image.stride(1), text.stride(0), text.stride(1),
         HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(image.dtype), **cfg)
-    col_m = torch.where(torch.isinf(col_max), torch.zeros_like(col_max), col_max)
-    col_stats = torch.stack([col_m, torch.log2(col_sum)])
-    row_lse, col_lse = row_stats.sum(0) * LN2.value, col_stats.sum(0) * LN2.value
-    # O(N + D) epilogue: the mean of all logits only matters with label smoothing
-    loss = (row_lse.sum() + col_lse.sum()) / (2 * n) - (1.0 - label_smoothing) * diag.mean()
+    row_stats = _stats(*merge_partials(row_part[0], row_part[1], exp=torch.exp2))
+    col_stats = _stats(*merge_partials(col_part[0], col_part[1], exp=torch.exp2))
+    # S_ii in base 2, by the kernels' formula
+    diag = dots * (scale_t.float() * LOG2E.value) + (bias_t.float() * LOG2E.value if bias is not None else 0.0)
+    # -log P_ii and -log Q_ii (base 2): (m - S_ii) is exactly 0 where the diagonal is the max
+    nll = (row_stats[0] - diag) + row_stats[1] + (col_stats[0] - diag) + col_stats[1]  # (N,)
+    loss = (1.0 - label_smoothing) * LN2.value / 2 * nll.mean()
     if label_smoothing:
+        # the mean of all logits only matters with label smoothing: O(N D)
         mean_all = scale_t.float() * (image.mean(0, dtype=torch.float32) @ text.mean(0, dtype=torch.float32))
         if bias is not None:
             mean_all = mean_all + bias_t.float()
-        loss = loss - label_smoothing * mean_all
+        loss = loss + label_smoothing * ((row_stats.sum() + col_stats.sum()) * LN2.value / (2 * n) - mean_all)
     return loss, row_stats, col_stats
 
 
-def _bwd_one_side(grad, a, b, scale_t, bias_t, has_bias, stats_a, stats_b, label_smoothing, compute_dscale):
+def _diag_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """<A_i, B_i> in fp32, (N,): one torch computation that forward and backward both call (bitwise the same)."""
+    return torch.cat([torch.linalg.vecdot(a[i:i + rows].float(), b[i:i + rows].float())
+                      for i in range(0, a.shape[0], rows)])
+
+
+def _stats(m: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    # (max, rest) -> (max, log2(1 + rest)), (2, N); log1p keeps a confident row's tiny rest
+    return torch.stack([m, torch.log1p(rest) * LOG2E.value])
+
+
+def _bwd_one_side(grad, a, b, dots, scale_t, bias_t, has_bias, stats_a, stats_b, label_smoothing, compute_dscale):
     n, d = a.shape
-    cfg = _bwd_config(n, d, a.dtype)
-    grid = triton.cdiv(n, cfg["BLOCK_M"])
+    cfg = bwd_config(n, d, a.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
     da = torch.empty_like(a, memory_format=torch.contiguous_format)
     part = torch.empty(grid if compute_dscale else 1, dtype=torch.float32, device=a.device)
-    sum_b = b.sum(0, dtype=torch.float32) if label_smoothing else part  # dummy when unused
-    _contrastive_bwd_kernel[(grid,)](
-        a, b, scale_t, bias_t, grad, stats_a, stats_b, sum_b, da, part,
+    _contrastive_bwd_kernel[grid](
+        a, b, scale_t, bias_t, grad, stats_a, stats_b, dots, da, part,
         n, d, float(label_smoothing),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), da.stride(0), da.stride(1),
         HAS_BIAS=has_bias, HAS_SMOOTHING=bool(label_smoothing), COMPUTE_DSCALE=compute_dscale,
@@ -323,8 +413,9 @@ def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
     scale_t = _scalar(scale, image)
     bias_t = _scalar(bias, image)
     grad_t = grad.reshape(()).to(torch.float32)
-    d_image, d_scale = _bwd_one_side(grad_t, image, text, scale_t, bias_t, bias is not None, row_stats, col_stats,
+    dots = _diag_dots(image, text)
+    d_image, d_scale = _bwd_one_side(grad_t, image, text, dots, scale_t, bias_t, bias is not None, row_stats, col_stats,
                                      label_smoothing, compute_dscale=True)
-    d_text, _ = _bwd_one_side(grad_t, text, image, scale_t, bias_t, bias is not None, col_stats, row_stats,
+    d_text, _ = _bwd_one_side(grad_t, text, image, dots, scale_t, bias_t, bias is not None, col_stats, row_stats,
                               label_smoothing, compute_dscale=False)
     return d_image, d_text, d_scale.reshape(scale.shape).to(scale.dtype)

@@ -59,7 +59,8 @@ def siglip_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bia
             # positives sit at (r, i0 + r), the chunk's diagonal at offset i0: their loss is softplus(-S_ii)
             pos = _softplus_(-s.diagonal(i0))
             if compute_grad:
-                g.diagonal(i0).sub_(1.0)
+                # sigmoid(S_ii) - 1 = -sigmoid(-S_ii): no cancellation where the pair is confident
+                g.diagonal(i0).copy_(torch.sigmoid(-s.diagonal(i0)).neg_())
         sp = _softplus_(s)  # in place: softplus(S), each negative's loss
         if not negative_only:
             sp.diagonal(i0).copy_(pos)

@@ -14,7 +14,10 @@ and scaled in the backward.
 
 Kernel: ``_siglip_kernel``, one program per BLOCK_M rows of A, walks every column block of B once: the tile of X
 (GEMM 1), the loss, and, with COMPUTE_GRAD, G = sigmoid(S) - [z = +1] and acc += G @ B_j (GEMM 2) in registers,
-with ds and db reduced per program. It runs twice:
+with ds and db reduced per program. A positive's G = -sigmoid(-S) is formed as such, in fp32 (never as
+sigmoid(S) - 1, which cancels where the pair is confident). Program (i, k) owns the k-th BLOCK_D slice of D where D
+does not fit one (GEMM 1 recomputed per slice); where it does, A stays resident and each B tile serves both
+GEMMs. Tiles: ``GRAD_CONFIGS``, after the tuned table (``fastclip/ops/tuned.py``). It runs twice:
 - forward: A = I, B = T: loss, dI (for g = 1; saved for the backward), ds, db. Without a gradient: loss only.
 - backward: A = T, B = I ("the transposed launch"; S^T has the same diagonal, so the same kernel applies): dT for
   the actual g. No atomics anywhere, deterministic.
@@ -35,45 +38,58 @@ import triton
 import triton.language as tl
 
 from fastclip.dispatch import triton_interpret
-from fastclip.ops.contrastive.triton import (LN2, LOG2E, _input_precision, _logits_tile, _pow2, _scalar, grad_tiles,
-                                            logits_tiles)
+from fastclip.ops.contrastive.triton import (LN2, LOG2E, _input_precision, _logits_tile, _pow2, _scalar,
+                                             logits_tiles)
+from fastclip.ops.tuned import tuned_config
 
 
 @triton.jit
 def _siglip_kernel(
     A, B, SCALE, BIAS, GRAD,               # features (M_A, D) and (N_B, D); 0-d scale, bias, upstream gradient
-    LOSS_PART, DSCALE_PART, DBIAS_PART,    # (cdiv(M_A, BLOCK_M),) fp32 out: per-program sums
+    PARTS,                                 # (3, cdiv(M_A, BLOCK_M)) fp32 out: per-program loss, sum G X, sum G
     DA,                                    # (M_A, D) out in A's dtype: g s / N_img sum_j G_ij B_j
     M_A, N_B, D, inv_n,                    # inv_n = 1 / (number of images)
     stride_am, stride_ak, stride_bn, stride_bk, stride_dam, stride_dak,
     HAS_BIAS: tl.constexpr, POSITIVES: tl.constexpr, COMPUTE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Rows [pid * BLOCK_M, ...) of A against all of B: sum of softplus(-z S), and G @ B with sum G X, sum G."""
+    """Rows [pid * BLOCK_M, ...) of A against all of B: sum of softplus(-z S), and G @ B[:, slice] with sum G X,
+    sum G (program (i, k) owns the k-th BLOCK_D slice of D; the sums are written by slice 0 only)."""
     pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M_A
     rows = offs_m.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     scale = tl.load(SCALE).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(BIAS).to(tl.float32)
     else:
         bias = 0.0
+    # one slice holds all of D (the launcher's promise when BLOCK_K == BLOCK_D): A stays resident and each B tile
+    # is loaded once for both GEMMs
+    ONE_TILE: tl.constexpr = BLOCK_K == BLOCK_D
+    if ONE_TILE:
+        a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
     loss_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     gx_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     g_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    num_blocks_n = tl.cdiv(N_B, BLOCK_N)
-    for jb in range(0, num_blocks_n):
+    for jb in tl.range(0, tl.cdiv(N_B, BLOCK_N), num_stages=NUM_STAGES):
         offs_n = jb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_B
         cols = offs_n.to(tl.int64)
-        x = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
-                         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        if ONE_TILE:
+            b = tl.load(B + cols[:, None] * stride_bn + offs_d[None, :] * stride_bk,
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+            x = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)
+        else:
+            x = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
+                             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         s = x * scale + bias
         valid = mask_m[:, None] & mask_n[None, :]
         if POSITIVES:
@@ -90,21 +106,27 @@ def _siglip_kernel(
             zs = tl.where(pos, -s, s)
             loss_i += tl.sum(tl.where(valid, tl.maximum(zs, 0.0) + log1p_e, 0.0), axis=1)
         if COMPUTE_GRAD:
-            # -- G = sigmoid(S) - [positive], from e without a second exponential
-            sig = tl.where(s >= 0, 1.0, e) / (1.0 + e)
-            g = tl.where(valid, sig - tl.where(pos, 1.0, 0.0), 0.0)
+            # -- G = sigmoid(S) - [positive] from e, in fp32 and without cancellation: a positive's
+            #    sigmoid(S) - 1 = -sigmoid(-S), tiny where the pair is confident, is formed as such
+            big = s >= 0
+            g = tl.where(pos, -tl.where(big, e, 1.0), tl.where(big, 1.0, e)) / (1.0 + e)
+            g = tl.where(valid, g, 0.0)
             gx_i += tl.sum(g * x, axis=1)
             g_i += tl.sum(g, axis=1)
-            # -- acc += G @ B_j
-            b = tl.load(B + cols[:, None] * stride_bn + offs_d[None, :] * stride_bk,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+            # -- acc += G @ B_j[:, slice]
+            if not ONE_TILE:
+                b = tl.load(B + cols[:, None] * stride_bn + offs_d[None, :] * stride_bk,
+                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
             acc = tl.dot(g.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
 
-    if COMPUTE_LOSS:
-        tl.store(LOSS_PART + pid, tl.sum(loss_i, axis=0))
+    n_prog = tl.num_programs(0)
+    if pid_d == 0:
+        if COMPUTE_LOSS:
+            tl.store(PARTS + pid, tl.sum(loss_i, axis=0))
+        if COMPUTE_GRAD:
+            tl.store(PARTS + n_prog + pid, tl.sum(gx_i, axis=0))
+            tl.store(PARTS + 2 * n_prog + pid, tl.sum(g_i, axis=0))
     if COMPUTE_GRAD:
-        tl.store(DSCALE_PART + pid, tl.sum(gx_i, axis=0))
-        tl.store(DBIAS_PART + pid, tl.sum(g_i, axis=0))
         coef = tl.load(GRAD).to(tl.float32) * scale * inv_n
         tl.store(DA + rows[:, None] * stride_dam + offs_d[None, :] * stride_dak, (acc * coef).to(DA.dtype.element_ty),
                  mask=mask_m[:, None] & mask_d[None, :])
@@ -114,26 +136,47 @@ def _siglip_kernel(
 # Launchers: shapes, allocation, grid, block sizes.
 
 
-def _config(m: int, d: int, dtype: torch.dtype, compute_grad: bool) -> dict:
+# Tiles with gradients, by the padded feature dim: rows (largest padded D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K,
+# num_warps, NUM_STAGES) for 16-bit inputs; fp32 halves BLOCK_N. As the contrastive backward's (BWD_CONFIGS there):
+# BLOCK_M = 64 for warp-group MMA on sm_90, D in one slice (B loaded once for both GEMMs) up to 256, D slices of 256
+# beyond. Without gradients the sweep is the contrastive forward's logit tiles (``logits_tiles``).
+GRAD_CONFIGS = (
+    (64, 64, 64, 64, 64, 4, 3),
+    (128, 64, 64, 128, 128, 4, 3),
+    (256, 64, 32, 256, 256, 8, 2),
+    (2048, 64, 64, 256, 64, 8, 2),
+)
+
+
+def config(m: int, d: int, dtype: torch.dtype, compute_grad: bool) -> dict:
+    """Tiles for ``m`` columns (B's rows) and feature dim ``d``: tuned table, else the static one."""
     block_d = _pow2(d)
     if triton_interpret():
-        # small tiles: exercise several blocks and the masked edges at test sizes
-        return dict(BLOCK_M=16, BLOCK_N=16 if m <= 64 else 32, BLOCK_K=16, BLOCK_D=block_d, num_warps=4,
-                    num_stages=1)
+        # small tiles: several blocks, masked edges, both paths (one slice / D slices) at test sizes
+        slice_d = min(block_d, 32)
+        return dict(BLOCK_M=16, BLOCK_N=16 if m <= 64 else 32, BLOCK_K=slice_d if slice_d == block_d else 16,
+                    BLOCK_D=slice_d if compute_grad else 16, num_warps=4, NUM_STAGES=1)
     if not compute_grad:
-        return dict(logits_tiles(d, dtype), BLOCK_D=16)
-    # as the contrastive backward: a (BLOCK_M, BLOCK_D) fp32 accumulator in registers; tiles chosen spill-free
-    return grad_tiles(d, dtype)
+        cfg = logits_tiles(d, dtype)
+        return dict(cfg, BLOCK_D=16, NUM_STAGES=cfg.pop("num_stages"))
+    tuned = tuned_config("siglip_grad", m, d, dtype)
+    if tuned:
+        return tuned
+    _, block_m, block_n, slice_d, block_k, warps, stages = next(t for t in GRAD_CONFIGS if block_d <= t[0])
+    if dtype == torch.float32:
+        block_n = max(16, block_n // 2)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=slice_d, num_warps=warps,
+                NUM_STAGES=stages)
 
 
 def _launch(a, b, scale_t, bias_t, has_bias, grad_t, n_images, negative_only, compute_loss, compute_grad):
     rows, d = a.shape
-    cfg = _config(b.shape[0], d, a.dtype, compute_grad)
-    grid = triton.cdiv(rows, cfg["BLOCK_M"])
-    parts = torch.empty((3, grid), dtype=torch.float32, device=a.device)
+    cfg = config(b.shape[0], d, a.dtype, compute_grad)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]) if compute_grad else 1)
+    parts = torch.empty((3, grid[0]), dtype=torch.float32, device=a.device)
     da = torch.empty_like(a, memory_format=torch.contiguous_format) if compute_grad else parts  # dummy
-    _siglip_kernel[(grid,)](
-        a, b, scale_t, bias_t, grad_t, parts[0], parts[1], parts[2], da,
+    _siglip_kernel[grid](
+        a, b, scale_t, bias_t, grad_t, parts, da,
         rows, b.shape[0], d, 1.0 / n_images,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), da.stride(0), da.stride(-1),
         HAS_BIAS=has_bias, POSITIVES=not negative_only, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,

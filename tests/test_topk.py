@@ -1,0 +1,264 @@
+"""topk_similarity against a stable descending sort of the full score matrix (= torch.topk's values, with ties
+broken by the lower index), every backend, odd sizes, k = 1..256, ties, NaN and inf, chunked galleries, gradients.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastclip
+from fastclip.bench.common import cpu_peak_supported
+from fastclip.ops.topk.reference import topk_similarity_ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (backend, dtype): bf16 does not run in the Triton interpreter
+CASES = [("torch", torch.float32), ("torch", torch.float16), ("torch", torch.bfloat16), ("torch", torch.float64),
+         ("triton", torch.float32), ("triton", torch.float16)]
+if torch.cuda.is_available():
+    CASES.append(("triton", torch.bfloat16))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ref(q, g, k):
+    return topk_similarity_ref(q.double() if q.dtype == torch.float64 else q.float(), g.to(q.dtype).float()
+                               if q.dtype != torch.float64 else g, k)
+
+
+def _check_valid(q, g, k, values, indices):
+    """Random inputs: summation order may swap near-equal scores, so check the result is *a* top-k: the values
+    match the reference's, each value is the score of its index, and indices are distinct."""
+    ref_v, _ = _ref(q, g, k)
+    exact = (q.double() @ g.double().T)  # (Q, G)
+    tol = 1e-5 * exact.abs().max().item() + 1e-6
+    torch.testing.assert_close(values.double(), ref_v.double(), atol=tol, rtol=0)
+    torch.testing.assert_close(exact.gather(1, indices), values.double(), atol=tol, rtol=0)
+    assert (indices.sort(1).values.diff(dim=1) > 0).all(), "repeated indices"
+    assert (values[:, :-1] >= values[:, 1:]).all(), "values not in descending order"
+
+
+# The Triton interpreter is slow (seconds per kernel at k = 256): its cases are few and small, the rest are slow.
+def _cases(cases, fast_triton):
+    return [pytest.param(*c, marks=pytest.mark.slow) if c[0] == "triton" and c[1:] not in fast_triton else c
+            for c in cases]
+
+
+RANDOM_SHAPES = [(1, 1, 3, 1), (3, 77, 33, 5), (77, 257, 19, 1), (13, 1000, 72, 256), (5, 300, 8, 299)]
+
+
+@pytest.mark.parametrize("backend,dtype,nq,ng,d,k", _cases(
+    [c + s for c in CASES for s in RANDOM_SHAPES],
+    fast_triton=[(torch.float32, 1, 1, 3, 1), (torch.float16, 3, 77, 33, 5), (torch.float32, 5, 300, 8, 299)]))
+def test_random_matches_full_topk(backend, dtype, nq, ng, d, k):
+    q = torch.randn(nq, d, device=DEVICE).to(dtype)
+    g = torch.randn(ng, d, device=DEVICE).to(dtype)
+    values, indices = fastclip.topk_similarity(q, g, k, backend=backend)
+    assert values.shape == indices.shape == (nq, k)
+    assert values.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert indices.dtype == torch.int64
+    _check_valid(q, g, k, values, indices)
+    # and the values are torch.topk's of the materialized matrix
+    full = q.double() @ g.double().T if dtype == torch.float64 else q.float() @ g.float().T
+    torch.testing.assert_close(values.to(full.dtype), full.topk(k, dim=1).values, atol=1e-4, rtol=0)
+
+
+def _integer_features(n, d, lo=-2, hi=3):
+    # small integers: every product and sum is exact in fp16/fp32, so all backends see identical scores
+    return torch.randint(lo, hi, (n, d), device=DEVICE).float()
+
+
+@pytest.mark.parametrize("backend,dtype,k", _cases(
+    [c + (k,) for c in CASES if c[1] != torch.bfloat16 for k in (1, 2, 10, 64, 256)],
+    fast_triton=[(torch.float32, 1), (torch.float16, 10), (torch.float16, 256)]))
+def test_ties_lower_index_first(backend, dtype, k):
+    # d = 3 with entries in {-1, 0, 1}: 27 distinct gallery rows over 300, so almost every score is tied
+    nq = 45 if backend == "torch" else 5
+    q = _integer_features(nq, 3, -1, 2).to(dtype)
+    g = _integer_features(300, 3, -1, 2).to(dtype)
+    values, indices = fastclip.topk_similarity(q, g, k, backend=backend)
+    ref_v, ref_i = _ref(q, g, k)
+    assert torch.equal(indices, ref_i)
+    assert torch.equal(values.float(), ref_v.float())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_all_equal_scores_give_first_indices(backend):
+    q = torch.ones(4, 8, device=DEVICE)
+    g = torch.ones(100, 8, device=DEVICE)
+    values, indices = fastclip.topk_similarity(q, g, 17, backend=backend)
+    assert torch.equal(indices, torch.arange(17, device=DEVICE).expand(4, 17))
+    assert torch.equal(values, torch.full((4, 17), 8.0, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_signed_zero_is_a_tie(backend):
+    # scores -0.0 (gallery row 0) and +0.0 (row 1) are equal, as in torch: lower index first
+    q = torch.tensor([[1.0, 0.0]], device=DEVICE)
+    g = torch.tensor([[-0.0, 1.0], [0.0, 1.0], [-1.0, 0.0]], device=DEVICE)
+    _, indices = fastclip.topk_similarity(q, g, 3, backend=backend)
+    assert indices.tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_nan_and_inf_rank_as_torch(backend):
+    """NaN ranks above every number (torch.topk/torch.sort), NaNs tie among themselves by index."""
+    q = _integer_features(9, 6)
+    g = _integer_features(200, 6)
+    q[2] = float("nan")  # a NaN query: every score NaN -> indices 0..k-1
+    g[[150, 40, 99]] = float("nan")  # NaN gallery rows: first for every query, in index order
+    g[7, 0] = float("inf")  # scores +-inf (or NaN where the query's entry is 0: inf * 0)
+    k = 12
+    values, indices = fastclip.topk_similarity(q, g, k, backend=backend)
+    ref_v, ref_i = _ref(q, g, k)
+    assert torch.equal(indices, ref_i)
+    torch.testing.assert_close(values, ref_v, equal_nan=True, atol=0, rtol=0)
+    assert indices[2].tolist() == list(range(k))
+    full = q @ g.T
+    torch.testing.assert_close(values, full.topk(k, dim=1).values, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend,chunk", [("torch", 1), ("torch", 64), ("torch", 333), ("reference", 64),
+                                           ("triton", 333), pytest.param("triton", 64, marks=pytest.mark.slow)])
+def test_gallery_chunks_merge_exactly(backend, chunk):
+    q = _integer_features(21 if backend != "triton" else 5, 5)
+    g = _integer_features(700, 5)
+    k = 40
+    ref = fastclip.topk_similarity(q, g, k, backend=backend)
+    out = fastclip.topk_similarity(q, g, k, backend=backend, gallery_chunk=chunk)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    assert torch.equal(out[1], _ref(q, g, k)[1])
+
+
+def test_torch_tiles_merge_exactly():
+    from fastclip.ops.topk import pytorch
+
+    q = _integer_features(37, 4)
+    g = _integer_features(1001, 4)
+    ref_v, ref_i = _ref(q, g, 30)
+    for block_q, block_g in [(1, 31), (5, 97), (37, 1001)]:
+        v, i = pytorch.topk_similarity(q, g, 30, block_q=block_q, block_g=block_g)
+        assert torch.equal(i, ref_i) and torch.equal(v, ref_v)
+
+
+def test_memmap_gallery_fp16(tmp_path):
+    import numpy as np
+
+    g = torch.randn(513, 16).half()
+    np.save(tmp_path / "g.npy", g.numpy())
+    mm = torch.from_numpy(np.load(tmp_path / "g.npy", mmap_mode="r+"))
+    q = torch.randn(7, 16).half()
+    v, i = fastclip.topk_similarity(q, mm, 9, gallery_chunk=100)
+    _check_valid(q, g, 9, v, i)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradient_matches_reference(backend):
+    q = torch.randn(11, 11, dtype=torch.float64 if backend == "torch" else torch.float32, requires_grad=True)
+    g = torch.randn(97, 11, dtype=q.dtype, requires_grad=True)
+    gv = torch.randn(11, 6, dtype=q.dtype)
+    v, i = fastclip.topk_similarity(q, g, 6, backend=backend)
+    dq, dg = torch.autograd.grad((v.to(q.dtype) * gv).sum(), (q, g))
+    rv, ri = topk_similarity_ref(q, g, 6)
+    rdq, rdg = torch.autograd.grad((rv * gv).sum(), (q, g))
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(dq, rdq)
+    torch.testing.assert_close(dg, rdg)
+
+
+def test_opcheck():
+    q, g = torch.randn(5, 8), torch.randn(40, 8)
+    torch.library.opcheck(torch.ops.fastclip.topk_similarity.default, (q, g, 3, "torch", 0),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(torch.ops.fastclip.topk_similarity.default, (q, g, 3, "torch", 16),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph():
+    q, g = torch.randn(5, 8), torch.randn(40, 8)
+    f = torch.compile(lambda a, b: fastclip.topk_similarity(a, b, 4, backend="torch"), fullgraph=True,
+                      backend="eager")
+    v, i = f(q, g)
+    rv, ri = _ref(q, g, 4)
+    assert torch.equal(i, ri)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(q=torch.randn(3, 4), g=torch.randn(5, 6), k=2), ValueError, "feature dims"),
+    (dict(q=torch.randn(3, 4), g=torch.randn(5, 4).double(), k=2), TypeError, "different dtypes"),
+    (dict(q=torch.randn(3, 4), g=torch.randn(5, 4), k=6), ValueError, r"k must be .*gallery size = 5"),
+    (dict(q=torch.randn(3, 4), g=torch.randn(5, 4), k=0), ValueError, "k must be"),
+    (dict(q=torch.randn(3, 4), g=torch.randn(5, 4), k=2.0), ValueError, "k must be"),
+    (dict(q=torch.randn(4), g=torch.randn(5, 4), k=2), ValueError, r"queries must be 2-D.*shape \(4,\)"),
+    (dict(q=torch.randn(3, 4), g=torch.randint(0, 3, (5, 4)), k=2), TypeError, "gallery must be a floating"),
+    (dict(q=torch.randn(0, 4), g=torch.randn(5, 4), k=2), ValueError, "queries is empty"),
+])
+def test_bad_input(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        fastclip.topk_similarity(kwargs["q"], kwargs["g"], kwargs["k"])
+
+
+def test_explicit_backend_refusal_says_why():
+    with pytest.raises(fastclip.BackendError, match="float64 is not supported"):
+        fastclip.topk_similarity(torch.randn(3, 4).double(), torch.randn(5, 4).double(), 2, backend="triton")
+
+
+@pytest.mark.gpu
+def test_host_gallery_streamed_to_gpu():
+    q = torch.randn(300, 64, device="cuda")
+    g = torch.randn(5000, 64)  # on the host
+    v, i = fastclip.topk_similarity(q, g, 10, gallery_chunk=999)
+    assert v.device.type == "cuda" and i.device.type == "cuda"
+    _check_valid(q.cpu(), g, 10, v.cpu(), i.cpu())
+
+
+MEMORY_SCRIPT = r"""
+import json, sys, torch
+import fastclip
+from fastclip.bench.common import peak_memory_mb
+q, g = torch.randn(2048, 32), torch.randn(65536, 32)
+fastclip.topk_similarity(q[:3], g[:50], 10, backend="torch")  # first-call set-up is not the op's memory
+out = {}
+def run():
+    out["v"] = fastclip.topk_similarity(q, g, 10, backend="torch")
+print(json.dumps({"peak_mb": peak_memory_mb(run, torch.device("cpu"))}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs Linux /proc/self/clear_refs to measure peak memory")
+def test_memory_never_q_by_g():
+    # the (2048, 65536) fp32 score matrix would be 512 MB; one tile is 16 MB, the result 0.3 MB
+    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode == 0, res.stderr[-3000:]
+    peak = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+    assert 0 < peak < 100, f"peak {peak:.0f} MB"
+
+
+def test_bench_topk_writes_csv(tmp_path, capsys):
+    from fastclip.bench.common import read_csv
+    from fastclip.cli import main
+
+    csv_path = tmp_path / "topk.csv"
+    assert main(["bench", "topk", "--q", "16", "--g", "300", "--d", "8", "--k", "5", "--rep", "2", "--csv",
+                 str(csv_path)]) == 0
+    rows = read_csv(str(csv_path))
+    assert [r["provider"] for r in rows] == ["fastclip", "faiss", "torch.topk"]
+    assert all(r["shape"] == "Q=16,G=300,D=8,k=5" and float(r["ms_p50"]) > 0 for r in rows)
+    assert "faiss" in capsys.readouterr().out
+
+
+def test_autocast_scores_in_the_autocast_dtype():
+    q, g = torch.randn(9, 16), torch.randn(50, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, i = fastclip.topk_similarity(q, g, 7, backend="torch")
+        v_chunked, i_chunked = fastclip.topk_similarity(q, g, 7, backend="torch", gallery_chunk=13)
+    rv, ri = fastclip.topk_similarity(q.bfloat16(), g.bfloat16(), 7, backend="torch")
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+    # other GEMM shapes may sum the (exact) bf16 products in another order: the last fp32 bit may differ
+    torch.testing.assert_close(v_chunked, rv, atol=1e-5, rtol=1e-6)
+    assert torch.equal(i_chunked, ri)
+
+
