@@ -85,9 +85,7 @@ def test_public_loss_refuses_past_triton_max_dim(fn):
 
 
 @pytest.mark.slow  # D = 2048 through the Triton interpreter
-@pytest.mark.parametrize("fn", ["contrastive_loss", pytest.param("siglip_loss", marks=pytest.mark.xfail(
-    strict=True, reason="main a0718bc: Triton siglip_loss wrong at N = 2 and 5 (0.195 vs 5.336 from torch/reference "
-                        "at D = 64, unit or raw features); regression from the SigLIP tiling change"))])
+@pytest.mark.parametrize("fn", ["contrastive_loss", "siglip_loss"])
 def test_public_loss_runs_at_triton_max_dim(fn):
     row = supports(fn)["triton"]
     if row.unavailable():

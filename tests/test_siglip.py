@@ -350,3 +350,14 @@ def test_triton_gpu_memory_is_linear():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - 2 * n * d * 2  # minus the two feature gradients
     assert extra <= n * d * 2 + (16 << 20), f"{extra / 2**20:.1f} MB beyond inputs and gradients"
+
+
+@pytest.mark.parametrize("n,d", [(2, 64), (5, 64), (40, 64), (3, 128), (5, 16)])
+def test_triton_loss_without_gradient_over_every_feature(n, d):
+    """The loss-only sweep (no tensor needs a gradient) reads all of D: a tile config whose K step equals its unused
+    D slice must not be taken for "D in one slice" (it summed only the first 16 features)."""
+    img = torch.nn.functional.normalize(torch.randn(n, d), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(n, d), dim=-1)
+    a = fastclip.siglip_loss(img, txt, 10.0, -5.0, backend="triton")
+    b = fastclip.siglip_loss(img.double(), txt.double(), 10.0, -5.0, backend="reference")
+    assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item()), (a.item(), b.item())

@@ -185,7 +185,7 @@ def _contrastive_bwd_kernel(
     DA, DSCALE_PART,                       # (N, D) out in A's dtype; (cdiv(N, BLOCK_M), cdiv(D, BLOCK_D)) fp32 out
     N, D, label_smoothing,
     stride_am, stride_ak, stride_bn, stride_bk, stride_dam, stride_dak,
-    HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_DSCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_DSCALE: tl.constexpr, ONE_SLICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -207,8 +207,8 @@ def _contrastive_bwd_kernel(
     scale2 = scale * LOG2E
     m_a = tl.load(STATS_A + offs_m, mask=mask_m, other=0.0)
     ls_a = tl.load(STATS_A + N + offs_m, mask=mask_m, other=0.0)
-    # one slice holds all of D (the launcher's promise when BLOCK_K == BLOCK_D): A stays resident
-    ONE_TILE: tl.constexpr = BLOCK_K == BLOCK_D
+    # ONE_SLICE (the launcher's check: BLOCK_K == BLOCK_D >= D): all of D in one slice, A stays resident
+    ONE_TILE: tl.constexpr = ONE_SLICE
     a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ak, mask=mask_md, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -306,6 +306,13 @@ def bwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
                 NUM_STAGES=stages)
 
 
+def one_slice(cfg: dict, d: int) -> bool:
+    """Whether a backward/gradient tile config holds all of D in one slice (BLOCK_K == BLOCK_D >= D): then A's rows
+    stay resident and each B tile serves both GEMMs. Decided here, from D, never assumed from the tile sizes alone
+    (a loss-only or tuned config may have BLOCK_K == BLOCK_D < D)."""
+    return cfg["BLOCK_K"] == cfg["BLOCK_D"] and cfg["BLOCK_D"] >= d
+
+
 def logits_tiles(d: int, dtype: torch.dtype) -> dict:
     """GPU tiles for a loss-only sweep of (BLOCK_M, BLOCK_N) logit tiles (SigLIP's no-gradient pass)."""
     cfg = dict(FWD_CONFIGS[_dtype_class(dtype)])
@@ -401,7 +408,7 @@ def _bwd_one_side(grad, a, b, dots, scale_t, bias_t, has_bias, stats_a, stats_b,
         n, d, float(label_smoothing),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), da.stride(0), da.stride(1),
         HAS_BIAS=has_bias, HAS_SMOOTHING=bool(label_smoothing), COMPUTE_DSCALE=compute_dscale,
-        INPUT_PRECISION=_input_precision(a.dtype), **cfg)
+        ONE_SLICE=one_slice(cfg, d), INPUT_PRECISION=_input_precision(a.dtype), **cfg)
     return da, (part.sum() if compute_dscale else None)
 
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from fastclip.dispatch import triton_interpret
 from fastclip.ops.contrastive.triton import (LN2, LOG2E, _input_precision, _logits_tile, _pow2, _scalar,
-                                             logits_tiles)
+                                             logits_tiles, one_slice)
 from fastclip.ops.tuned import tuned_config
 
 
@@ -51,7 +51,7 @@ def _siglip_kernel(
     M_A, N_B, D, inv_n,                    # inv_n = 1 / (number of images)
     stride_am, stride_ak, stride_bn, stride_bk, stride_dam, stride_dak,
     HAS_BIAS: tl.constexpr, POSITIVES: tl.constexpr, COMPUTE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_SLICE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Rows [pid * BLOCK_M, ...) of A against all of B: sum of softplus(-z S), and G @ B[:, slice] with sum G X,
@@ -68,9 +68,9 @@ def _siglip_kernel(
         bias = tl.load(BIAS).to(tl.float32)
     else:
         bias = 0.0
-    # one slice holds all of D (the launcher's promise when BLOCK_K == BLOCK_D): A stays resident and each B tile
-    # is loaded once for both GEMMs
-    ONE_TILE: tl.constexpr = BLOCK_K == BLOCK_D
+    # ONE_SLICE (the launcher's check: BLOCK_K == BLOCK_D >= D): all of D in one slice, A stays resident and each
+    # B tile is loaded once for both GEMMs
+    ONE_TILE: tl.constexpr = ONE_SLICE
     if ONE_TILE:
         a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
@@ -180,7 +180,7 @@ def _launch(a, b, scale_t, bias_t, has_bias, grad_t, n_images, negative_only, co
         rows, b.shape[0], d, 1.0 / n_images,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), da.stride(0), da.stride(-1),
         HAS_BIAS=has_bias, POSITIVES=not negative_only, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
-        INPUT_PRECISION=_input_precision(a.dtype), **cfg)
+        ONE_SLICE=one_slice(cfg, d), INPUT_PRECISION=_input_precision(a.dtype), **cfg)
     return parts, (da if compute_grad else None)
 
 
