@@ -33,9 +33,10 @@ def candidates(op: str, n: int, d: int, dtype: torch.dtype) -> List[dict]:
     from fastclip.ops.contrastive import triton as C
     from fastclip.ops.siglip import triton as S
 
-    base = {"contrastive_fwd": lambda: C.FWD_CONFIGS[C._dtype_class(dtype)],
-            "contrastive_bwd": lambda: _static_bwd(C.BWD_CONFIGS, d, dtype),
-            "siglip_grad": lambda: _static_bwd(S.GRAD_CONFIGS, d, dtype)}[op]()
+    fp32 = dtype == torch.float32
+    base = {"contrastive_fwd": lambda: tuned.by_arch(C.FWD_CONFIGS[C._dtype_class(dtype)]),
+            "contrastive_bwd": lambda: _static_bwd(C.BWD_CONFIGS_FP32 if fp32 else C.BWD_CONFIGS, d),
+            "siglip_grad": lambda: _static_bwd(S.GRAD_CONFIGS_FP32 if fp32 else S.GRAD_CONFIGS, d)}[op]()
     out = [dict(base)]
     if op == "contrastive_fwd":
         for k, values in (("BLOCK_N", (64, 128)), ("num_warps", (4, 8)), ("num_stages", (2, 3, 4)),
@@ -47,11 +48,9 @@ def candidates(op: str, n: int, d: int, dtype: torch.dtype) -> List[dict]:
     return out
 
 
-def _static_bwd(table, d: int, dtype: torch.dtype) -> dict:
+def _static_bwd(table, d: int) -> dict:
     block_d = max(16, 1 << (d - 1).bit_length())
-    _, bm, bn, slice_d, bk, warps, stages = next(t for t in table if block_d <= t[0])
-    if dtype == torch.float32:
-        bn = max(16, bn // 2)
+    _, bm, bn, slice_d, bk, warps, stages = next(t for t in map(tuned.by_arch, table) if block_d <= t[0])
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=slice_d, num_warps=warps, NUM_STAGES=stages)
 
 

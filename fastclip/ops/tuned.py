@@ -53,6 +53,23 @@ def _arch(device_index: int) -> str:
     return f"sm_{major}{minor}"
 
 
+def gpu_arch() -> int:
+    """The current GPU's compute capability as 90, 80, ...; 90 without a GPU (no launch then: the default tables)."""
+    try:
+        major, minor = torch.cuda.get_device_capability()
+    except (AssertionError, RuntimeError):  # no GPU, or torch without CUDA
+        return 90
+    return 10 * major + minor
+
+
+def by_arch(entry):
+    """A static table's entry; for one that differs by architecture ({90: ..., 80: ...}), the current GPU's: the
+    sm_90 entry on sm_90 and newer, the sm_80 one below."""
+    if not isinstance(entry, dict) or set(entry) != {90, 80}:
+        return entry
+    return entry[90] if gpu_arch() >= 90 else entry[80]
+
+
 _FORCED: Dict[str, dict] = {}
 
 

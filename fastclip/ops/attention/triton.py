@@ -60,6 +60,7 @@ import triton.language as tl
 
 from fastclip.dispatch import triton_interpret
 from fastclip.ops.contrastive.triton import LN2, LOG2E, _input_precision
+from fastclip.ops.tuned import by_arch
 
 # compiled kernels may only read globals that are constexpr (the interpreter does not enforce it)
 LOG2E_C = tl.constexpr(LOG2E)
@@ -338,15 +339,17 @@ def _head_pieces(d: int) -> Tuple[int, int]:
 # GPU tiles, one table for both kernels (a static check compiles every row): (kernel, inputs, padded head dim) ->
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). "16-bit" is fp16/bf16 (tensor cores; on sm_90 a product lowers to
 # warp-group MMA when its tile has 64+ rows); "fp32" runs IEEE fp32 on FMA units unless TF32 is allowed, so its
-# tiles are small to stay out of local memory. Each row compiles for sm_90 without spills (benchmarks/NOTES.md).
+# tiles are small to stay out of local memory. Each row compiles for sm_90 and sm_80 without spills
+# (benchmarks/NOTES.md); an entry {90: tiles, 80: tiles} differs by architecture (``by_arch``), where sm_80's
+# tiles of sm_90's size spill (8-440 B).
 GPU_TILES = {
     ("fwd", "16-bit", 16): (64, 64, 4, 3),
     ("fwd", "16-bit", 32): (64, 64, 4, 3),
-    ("fwd", "16-bit", 48): (64, 64, 4, 3),
+    ("fwd", "16-bit", 48): {90: (64, 64, 4, 3), 80: (64, 32, 4, 3)},
     ("fwd", "16-bit", 64): (64, 64, 4, 3),
     ("fwd", "16-bit", 80): (64, 64, 4, 3),
-    ("fwd", "16-bit", 96): (64, 64, 4, 3),
-    ("fwd", "16-bit", 128): (64, 64, 4, 2),
+    ("fwd", "16-bit", 96): {90: (64, 64, 4, 3), 80: (64, 32, 4, 3)},
+    ("fwd", "16-bit", 128): {90: (64, 64, 4, 2), 80: (64, 32, 4, 2)},
     ("fwd", "fp32", 16): (64, 32, 8, 1),
     ("fwd", "fp32", 32): (64, 32, 8, 1),
     ("fwd", "fp32", 48): (64, 32, 8, 1),
@@ -357,12 +360,12 @@ GPU_TILES = {
     ("bwd", "16-bit", 16): (64, 64, 8, 2),
     ("bwd", "16-bit", 32): (64, 64, 8, 2),
     ("bwd", "16-bit", 48): (64, 64, 8, 2),
-    ("bwd", "16-bit", 64): (64, 64, 8, 2),
-    ("bwd", "16-bit", 80): (64, 64, 8, 2),
+    ("bwd", "16-bit", 64): {90: (64, 64, 8, 2), 80: (64, 32, 8, 2)},
+    ("bwd", "16-bit", 80): {90: (64, 64, 8, 2), 80: (32, 32, 8, 2)},
     # at 96 columns, 64 query rows would put dQ = dS K on warp-group MMA too, but spill (16 bytes; 64 + 32 or
     # 32 + 64 columns, 1 or 2 stages); 32 rows keep 4 of the 5 products on it
-    ("bwd", "16-bit", 96): (32, 64, 8, 2),
-    ("bwd", "16-bit", 128): (64, 64, 8, 2),
+    ("bwd", "16-bit", 96): {90: (32, 64, 8, 2), 80: (16, 64, 8, 2)},
+    ("bwd", "16-bit", 128): {90: (64, 64, 8, 2), 80: (64, 32, 8, 2)},
     ("bwd", "fp32", 16): (16, 32, 8, 1),
     ("bwd", "fp32", 32): (16, 32, 8, 1),
     ("bwd", "fp32", 48): (16, 32, 4, 1),
@@ -379,7 +382,7 @@ INTERPRETER_TILES = (16, 32, 4, 1)
 def _tiles(kernel: str, d: int, dtype: torch.dtype) -> dict:
     block_d0, block_d1 = _head_pieces(d)
     tiles = INTERPRETER_TILES if triton_interpret() else \
-        GPU_TILES[(kernel, "fp32" if dtype == torch.float32 else "16-bit", block_d0 + block_d1)]
+        by_arch(GPU_TILES[(kernel, "fp32" if dtype == torch.float32 else "16-bit", block_d0 + block_d1)])
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tiles), BLOCK_D0=block_d0,
                 BLOCK_D1=block_d1)
 

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from fastclip.dispatch import triton_interpret
 from fastclip.ops.contrastive.pytorch import merge_partials
-from fastclip.ops.tuned import tuned_config
+from fastclip.ops.tuned import by_arch, tuned_config
 
 # constexpr: compiled kernels may read only constexpr globals (the interpreter does not enforce this)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -256,20 +256,33 @@ def _contrastive_bwd_kernel(
 
 # Forward, by input dtype class: (BLOCK_M, BLOCK_N) logit tiles reduced over D in BLOCK_K steps; SPLIT = the
 # largest G_r and G_c (the grid is at most SPLIT x SPLIT programs, the partial buffers 2 SPLIT N floats each).
+# An entry {arch: config} differs by architecture (``by_arch``): fp32 with 3 stages spills on sm_80 (16 B), and 64
+# columns spill in SigLIP's loss-only sweep (``logits_tiles``), so sm_80 takes 2 stages.
 FWD_CONFIGS = {
     "16bit": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, SPLIT=16),
-    "fp32": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3, SPLIT=16),
+    "fp32": {90: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3, SPLIT=16),
+             80: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2, SPLIT=16)},
 }
 
 # Backward, by the padded feature dim: rows (largest padded D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, num_warps,
-# NUM_STAGES), for 16-bit inputs; fp32 halves BLOCK_N. BLOCK_M = 64 so both GEMMs can lower to warp-group MMA on
-# sm_90; BLOCK_K == BLOCK_D (D in one slice, B loaded once for both GEMMs) up to D = 256; beyond, the (BLOCK_M, D)
-# accumulator is split over D slices of 256 (grid axis 1), GEMM 1 recomputed per slice.
+# NUM_STAGES), for 16-bit inputs. BLOCK_M = 64 so both GEMMs can lower to warp-group MMA on sm_90; BLOCK_K == BLOCK_D
+# (D in one slice, B loaded once for both GEMMs) up to D = 256; beyond, the (BLOCK_M, D) accumulator is split over D
+# slices of 256 (grid axis 1), GEMM 1 recomputed per slice. A row {arch: row} differs by architecture
+# (``by_arch``): at D = 128, 4 warps spill on sm_80 (8-16 B), 8 do not.
 BWD_CONFIGS = (
     (64, 64, 64, 64, 64, 4, 3),
-    (128, 64, 64, 128, 128, 4, 3),
+    {90: (128, 64, 64, 128, 128, 4, 3), 80: (128, 64, 64, 128, 128, 8, 3)},
     (256, 64, 64, 256, 256, 8, 2),
     (2048, 64, 64, 256, 64, 8, 2),
+)
+# fp32 inputs run IEEE dots on the FMA units: every operand fragment lives in registers, so the column tiles are
+# narrower, each row compiled without local memory for sm_90 and sm_80 (tests/triton_static.py). Beyond D = 256 the
+# slice that fits differs by architecture.
+BWD_CONFIGS_FP32 = (
+    (64, 64, 16, 64, 64, 4, 3),
+    (128, 64, 16, 128, 128, 8, 3),
+    (256, 64, 16, 256, 256, 8, 2),
+    {90: (2048, 64, 32, 256, 64, 8, 2), 80: (2048, 64, 16, 128, 64, 8, 2)},
 )
 
 # the interpreter (tests): small tiles, several blocks, masked edges, both backward paths at test sizes
@@ -287,7 +300,7 @@ def _dtype_class(dtype: torch.dtype) -> str:
 def fwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
     if triton_interpret():
         return dict(_INTERPRET_FWD, BLOCK_N=16 if n <= 64 else 32)
-    return tuned_config("contrastive_fwd", n, d, dtype) or dict(FWD_CONFIGS[_dtype_class(dtype)])
+    return tuned_config("contrastive_fwd", n, d, dtype) or dict(by_arch(FWD_CONFIGS[_dtype_class(dtype)]))
 
 
 def bwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
@@ -299,9 +312,8 @@ def bwd_config(n: int, d: int, dtype: torch.dtype) -> dict:
     tuned = tuned_config("contrastive_bwd", n, d, dtype)
     if tuned:
         return tuned
-    _, block_m, block_n, slice_d, block_k, warps, stages = next(t for t in BWD_CONFIGS if block_d <= t[0])
-    if dtype == torch.float32:
-        block_n = max(16, block_n // 2)
+    table = BWD_CONFIGS_FP32 if dtype == torch.float32 else BWD_CONFIGS
+    _, block_m, block_n, slice_d, block_k, warps, stages = next(t for t in map(by_arch, table) if block_d <= t[0])
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=slice_d, num_warps=warps,
                 NUM_STAGES=stages)
 
@@ -315,7 +327,7 @@ def one_slice(cfg: dict, d: int) -> bool:
 
 def logits_tiles(d: int, dtype: torch.dtype) -> dict:
     """GPU tiles for a loss-only sweep of (BLOCK_M, BLOCK_N) logit tiles (SigLIP's no-gradient pass)."""
-    cfg = dict(FWD_CONFIGS[_dtype_class(dtype)])
+    cfg = dict(by_arch(FWD_CONFIGS[_dtype_class(dtype)]))
     del cfg["SPLIT"]
     cfg["BLOCK_K"] = min(cfg["BLOCK_K"], _pow2(d))
     return cfg

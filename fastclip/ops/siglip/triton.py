@@ -137,14 +137,22 @@ def _siglip_kernel(
 
 
 # Tiles with gradients, by the padded feature dim: rows (largest padded D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K,
-# num_warps, NUM_STAGES) for 16-bit inputs; fp32 halves BLOCK_N. As the contrastive backward's (BWD_CONFIGS there):
-# BLOCK_M = 64 for warp-group MMA on sm_90, D in one slice (B loaded once for both GEMMs) up to 256, D slices of 256
-# beyond. Without gradients the sweep is the contrastive forward's logit tiles (``logits_tiles``).
+# num_warps, NUM_STAGES) for 16-bit inputs, and for fp32 (FMA dots, fragments in registers: narrower column
+# tiles, each row compiled without local memory for sm_90 and sm_80 by tests/triton_static.py). As the contrastive
+# backward's (BWD_CONFIGS there): BLOCK_M = 64 for warp-group MMA on sm_90, D in one slice (B loaded once for both
+# GEMMs) up to 256, D slices of 256 beyond. Without gradients the sweep is the contrastive forward's logit tiles
+# (``logits_tiles``).
 GRAD_CONFIGS = (
     (64, 64, 64, 64, 64, 4, 3),
     (128, 64, 64, 128, 128, 4, 3),
     (256, 64, 32, 256, 256, 8, 2),
     (2048, 64, 64, 256, 64, 8, 2),
+)
+GRAD_CONFIGS_FP32 = (
+    (64, 64, 16, 64, 64, 4, 3),
+    (128, 64, 16, 128, 128, 8, 3),
+    (256, 64, 16, 256, 256, 8, 2),
+    (2048, 64, 16, 256, 64, 8, 2),
 )
 
 
@@ -162,9 +170,8 @@ def config(m: int, d: int, dtype: torch.dtype, compute_grad: bool) -> dict:
     tuned = tuned_config("siglip_grad", m, d, dtype)
     if tuned:
         return tuned
-    _, block_m, block_n, slice_d, block_k, warps, stages = next(t for t in GRAD_CONFIGS if block_d <= t[0])
-    if dtype == torch.float32:
-        block_n = max(16, block_n // 2)
+    table = GRAD_CONFIGS_FP32 if dtype == torch.float32 else GRAD_CONFIGS
+    _, block_m, block_n, slice_d, block_k, warps, stages = next(t for t in table if block_d <= t[0])
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=slice_d, num_warps=warps,
                 NUM_STAGES=stages)
 
