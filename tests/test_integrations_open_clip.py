@@ -161,10 +161,13 @@ def test_patch_attention_replaces_in_created_models(tmp_path):
     config = tmp_path / "fastclip-tiny-test.json"
     config.write_text(json.dumps(dict(embed_dim=32, vision_cfg=VISION, text_cfg=TEXT)))
     open_clip.add_model_config(config)
-    with fc_open_clip.patch(attention=True):
-        model, _, _ = open_clip.create_model_and_transforms("fastclip-tiny-test")
-        direct = open_clip.create_model("fastclip-tiny-test")
-    stock = open_clip.create_model("fastclip-tiny-test")
+    try:
+        with fc_open_clip.patch(attention=True):
+            model, _, _ = open_clip.create_model_and_transforms("fastclip-tiny-test")
+            direct = open_clip.create_model("fastclip-tiny-test")
+        stock = open_clip.create_model("fastclip-tiny-test")
+    finally:  # leave open_clip's registry as it was (other tests walk open_clip.list_models())
+        open_clip.factory._MODEL_CONFIGS.pop("fastclip-tiny-test", None)
     for m in (model, direct):
         assert any(isinstance(x, fastclip.nn.MultiheadAttention) for x in m.modules())
         assert not any(type(x) is torch.nn.MultiheadAttention for x in m.modules())

@@ -497,9 +497,9 @@ def test_exports():
 
 def test_towers_benchmark_cpu_smoke(tmp_path, capsys):
     from fastclip.bench import towers
-    from fastclip.cli import BENCHES
+    from fastclip.bench import BENCHES
 
-    assert BENCHES["towers"] == "fastclip.bench.towers"
+    assert BENCHES["towers"][0] == "fastclip.bench.towers"
     csv = tmp_path / "towers.csv"
     tiny = ("tiny-vit", "tiny-text", "tiny-siglip")
     assert towers.main(["--device", "cpu", "--tower", *tiny, "--rep", "1", "--csv", str(csv)]) == 0

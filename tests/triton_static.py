@@ -151,7 +151,8 @@ def case_configs(fn, kw) -> set:
     """{(kernel, config)} that one case's launches pick, from the launchers' own config functions (no compile)."""
     dtype = DTYPES[kw["dtype"]]
     if fn is launch_contrastive:
-        return {("contrastive_fwd", _freeze(CON.fwd_config(kw["n"], kw["d"], dtype))),
+        fwd = {k: v for k, v in CON.fwd_config(kw["n"], kw["d"], dtype).items() if k != "SPLIT"}  # grid, not tiles
+        return {("contrastive_fwd", _freeze(fwd)),
                 ("contrastive_bwd", _freeze(CON.bwd_config(kw["n"], kw["d"], dtype)))}
     if fn is launch_siglip:
         return {(f"siglip_{'grad' if grad else 'loss'}", _freeze(SIG.config(kw["n"], kw["d"], dtype, grad)))
@@ -282,11 +283,13 @@ def _sass_counts(cubin: bytes) -> tuple:
 
 def describe(jit, args, kernel, arch) -> dict:
     usage, ops = _sass_counts(kernel.asm["cubin"])
-    config = {k: v for k, v in args.items() if k.startswith("BLOCK_")}
+    # a kernel pipelined by tl.range(num_stages=NUM_STAGES) takes its depth as a constexpr: that is its stages
+    config = {k: v for k, v in args.items() if k.startswith("BLOCK_") or k == "NUM_STAGES"}
     flags = {k: v for k, v in args.items() if k.isupper() and not k.startswith("BLOCK_") and isinstance(v, bool)}
     return dict(
         kernel=_label(jit, args), arch=arch, dtype={v: k for k, v in DTYPES.items()}[args["dtype"]],
-        config=config, num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages, flags=flags,
+        config=config, num_warps=kernel.metadata.num_warps,
+        num_stages=args.get("NUM_STAGES", kernel.metadata.num_stages), flags=flags,
         registers=usage.get("REG", -1), local=usage.get("LOCAL", 0) + usage.get("STACK", 0),
         shared=kernel.metadata.shared, dots=kernel.asm["ttir"].count("tt.dot "),
         wgmma_dots=kernel.asm["ttgir"].count("ttng.warp_group_dot "), hgmma=ops["HGMMA"], hmma=ops["HMMA"],
