@@ -133,7 +133,8 @@ class Tokenizer:
     def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        context_length = context_length or self.context_length
+        if context_length is None:
+            context_length = self.context_length
         if context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
         out = np.zeros((len(texts), context_length), dtype=np.int64)

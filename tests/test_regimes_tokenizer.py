@@ -50,8 +50,6 @@ def test_context_length_bounds():
     assert tk.Tokenizer(context_length=9)("a photo").shape == (1, 9)
 
 
-@pytest.mark.xfail(strict=True, reason="Tokenizer.__call__ takes `context_length or self.context_length`, so 0 "
-                   "silently becomes 77; it should test `is None` and raise (fastclip/tokenizer.py)")
 def test_context_length_zero_is_refused():
     with pytest.raises(ValueError, match="context_length"):
         tk.Tokenizer()(["a"], context_length=0)
