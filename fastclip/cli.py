@@ -26,29 +26,40 @@ COMMANDS = {
 def usage() -> str:
     import fastclip
 
-    width = max(map(len, COMMANDS))
     lines = ["usage: fastclip [--version] <command> [options]", "",
              f"fastclip {fastclip.__version__}: fast, memory-lean CLIP and SigLIP training.", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += table_lines(COMMANDS)
     lines += ["", "fastclip <command> --help describes a command's options."]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def table_lines(table: dict) -> list:
+    """One aligned help line per entry of a {name: (module, text)} table of subcommands."""
+    width = max(map(len, table))
+    return [f"  {name:<{width}}  {text}" for name, (_, text) in table.items()]
+
+
+def dispatch(table: dict, argv: list, usage, prog: str, kind: str) -> int:
+    """Run ``argv[0]``'s entry of a {name: (module, text)} table with the rest of ``argv`` (its module imported
+    only now); no name or -h/--help prints ``usage()``, an unknown name is an error naming it."""
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    if argv[0] == "--version":
+    entry = table.get(argv[0])
+    if entry is None:
+        print(f"{prog}: unknown {kind} {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return importlib.import_module(entry[0]).main(argv[1:])
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
         import fastclip
 
         print(f"fastclip {fastclip.__version__}")
         return 0
-    entry = COMMANDS.get(argv[0])
-    if entry is None:
-        print(f"fastclip: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    return importlib.import_module(entry[0]).main(argv[1:])
+    return dispatch(COMMANDS, argv, usage, "fastclip", "command")
 
 
 if __name__ == "__main__":

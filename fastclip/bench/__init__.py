@@ -5,8 +5,9 @@ __doc__)`` and its output options with ``common.add_output_arguments``, and one 
 """
 from __future__ import annotations
 
-import importlib
 import sys
+
+from fastclip.cli import dispatch, table_lines
 
 # benchmark -> (module whose main(argv) runs it, one line for `fastclip bench --help`)
 BENCHES = {
@@ -20,21 +21,11 @@ BENCHES = {
 
 
 def usage() -> str:
-    width = max(map(len, BENCHES))
-    lines = ["usage: fastclip bench <benchmark> [options]", "", "benchmarks:"]
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in BENCHES.items()]
+    lines = ["usage: fastclip bench <benchmark> [options]", "", "benchmarks:"] + table_lines(BENCHES)
     lines += ["", "fastclip bench <benchmark> --help describes its options. Results go to ./fastclip-results/ "
               "unless --out DIR or --csv FILE says otherwise."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    entry = BENCHES.get(argv[0])
-    if entry is None:
-        print(f"fastclip bench: unknown benchmark {argv[0]!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    return importlib.import_module(entry[0]).main(argv[1:])
+    return dispatch(BENCHES, list(sys.argv[1:] if argv is None else argv), usage, "fastclip bench", "benchmark")
