@@ -11,7 +11,7 @@ tree to ``mutants/`` there and caches its verdicts, so a second run only retries
 from that directory: ``cd .mutation/fastclip.tokenizer && mutmut results`` / ``mutmut show <name>``.
 
 Score = killed / (mutants - equivalent), where the equivalent mutants are those recorded with a reason in
-``tests/mutation/equivalent.toml``. Tests run with a fixed seed (FASTCLIP_TEST_SEED, default 0) so verdicts repeat.
+``tests/mutation/equivalent_<module>.toml``. Tests run with a fixed seed (FASTCLIP_TEST_SEED, default 0) so verdicts repeat.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
-EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.toml"
+EQUIVALENT = ROOT / "tests" / "mutation"  # *.toml: one file per module, equivalent_<module>.toml
 
 # module -> the test files (pytest node ids allowed) that exercise it
 MODULE_TESTS = {
@@ -60,9 +60,11 @@ NO_TESTS = {33}
 
 
 def load_equivalent() -> dict:
-    if not EQUIVALENT.exists():
-        return {}
-    return tomllib.loads(EQUIVALENT.read_text())
+    """Every equivalent mutant recorded under tests/mutation/ (one TOML file per module), by mutmut's name."""
+    equivalent = {}
+    for path in sorted(EQUIVALENT.glob("*.toml")):
+        equivalent.update(tomllib.loads(path.read_text()))
+    return equivalent
 
 
 def work_dir(module: str) -> Path:
