@@ -31,8 +31,9 @@ def check_float_tensor(name: str, t, ndim: int, layout: str, empty_hint: str = "
         raise ValueError(f"{name} is empty: {_fmt(t)}{empty_hint}")
 
 
-def check_feature_pair(image_features, text_features, *, same_batch: bool = True) -> None:
-    """Both (N, D) floating tensors on one device with one dtype; ValueError/TypeError naming the argument."""
+def check_feature_pair(image_features, text_features) -> None:
+    """Both (N, D) floating tensors on one device with one dtype and one N; ValueError/TypeError naming the
+    argument."""
     for name, t in (("image_features", image_features), ("text_features", text_features)):
         check_float_tensor(name, t, 2, "batch, dim", "; the loss needs at least one pair and one feature")
     if image_features.device != text_features.device:
@@ -44,7 +45,7 @@ def check_feature_pair(image_features, text_features, *, same_batch: bool = True
     if image_features.shape[1] != text_features.shape[1]:
         raise ValueError(f"image_features and text_features have different feature dims: "
                          f"image_features {_fmt(image_features)}; text_features {_fmt(text_features)}")
-    if same_batch and image_features.shape[0] != text_features.shape[0]:
+    if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(f"image_features and text_features have different batch sizes (each image pairs with "
                          f"the text of the same index): image_features {_fmt(image_features)}; "
                          f"text_features {_fmt(text_features)}")
