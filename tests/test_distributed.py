@@ -314,6 +314,90 @@ def _(rank, world):
         _compare("d_image", grads[0], G * sub_world * sgrads[0][_rows(sub_rank)], 1e-10, 1e-12)
 
 
+@check("world_size_mismatch")
+def _(rank, world):
+    import fastclip
+
+    img, txt, s, b = _local_leaves(_global_inputs(world), rank)
+    for cls in (fastclip.ContrastiveLoss, fastclip.SigLIPLoss):
+        with pytest.raises(ValueError, match=f"world_size={world + 1} but the process group has {world} ranks"):
+            cls(rank=rank, world_size=world + 1)(img, txt, s, b)
+
+
+@check("rank_mismatch")
+def _(rank, world):
+    import fastclip
+
+    img, txt, s, b = _local_leaves(_global_inputs(world), rank)
+    # every rank passes the next one's rank: each names its own mistake
+    with pytest.raises(ValueError, match=f"rank={(rank + 1) % world} but this process is rank {rank} of the "):
+        fastclip.ContrastiveLoss(rank=(rank + 1) % world, world_size=world)(img, txt, s, b)
+    # only rank 0 is wrong: the others name it
+    claimed = 1 if rank == 0 else rank
+    want = "rank=1 but this process is rank 0" if rank == 0 else r"rank\(s\) \[0\] of the process group"
+    with pytest.raises(ValueError, match=want):
+        fastclip.SigLIPLoss(rank=claimed, world_size=world, dist_impl="ring")(img, txt, s, b)
+
+
+def _gather_rows(rank, world, members):
+    """all_gather_with_grad over the ranks ``members``: every member's block in order; backward: this member's rows
+    of the sum over members of the upstream gradients (each weights the gathered tensor differently)."""
+    from fastclip import distributed as D
+
+    group = dist.new_group(members) if members else None
+    if members:
+        if rank not in members:
+            return
+        rank, world = members.index(rank), len(members)
+    blocks = [torch.randn(N_LOCAL, DIM, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+              for k in range(world)]
+    weights = [torch.randn(world * N_LOCAL, DIM, generator=torch.Generator().manual_seed(100 + k),
+                           dtype=torch.float64) for k in range(world)]
+    x = blocks[rank].clone().requires_grad_()
+    y = D.all_gather_with_grad(x, group)
+    _compare("gathered", y, torch.cat(blocks), 0, 0)
+    (grad,) = torch.autograd.grad((y * weights[rank]).sum(), x)
+    _compare("d_x", grad, sum(weights)[_rows(rank)], 1e-15, 0)
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+@pytest.mark.parametrize("world, members", [(2, None), (3, None), (3, [1, 2])], ids=["world2", "world3", "group12"])
+def test_all_gather_with_grad(world, members, backend, monkeypatch):
+    if backend == "nccl":
+        # NCCL's branch (a reduce-scatter) run by gloo, which has reduce_scatter_tensor too
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    run_ranks(world, _gather_rows, members)
+
+
+def test_comm_device(monkeypatch):
+    """The tensors of the shape exchange live where the backend moves them: NCCL, the features' GPU or else the
+    current one; gloo, the CPU."""
+    from types import SimpleNamespace
+
+    from fastclip.distributed import _comm_device
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert _comm_device(None, SimpleNamespace(device=torch.device("cuda", 1))) == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert _comm_device(None, SimpleNamespace(device=torch.device("cuda", 1))) == torch.device("cuda", 1)
+    assert _comm_device(None, torch.zeros(1)) == torch.device("cuda", 2)
+    assert _comm_device(None, None) == torch.device("cuda", 2)
+
+
+def test_not_initialized():
+    import fastclip
+    from fastclip import distributed as D
+
+    assert not dist.is_initialized()
+    img, txt = torch.randn(3, 4), torch.randn(3, 4)
+    for loss in (fastclip.ContrastiveLoss(rank=1, world_size=2), fastclip.SigLIPLoss(rank=1, world_size=2)):
+        with pytest.raises(RuntimeError, match=r"world_size=2 needs torch.distributed initialized \(torch"):
+            loss(img, txt, 10.0, -1.0)
+    with pytest.raises(RuntimeError, match="world_size=3 needs"):
+        D.resolve(0, 3)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The tests
 
