@@ -102,7 +102,8 @@ def _siglip(img, txt, s, b):
     return (-F.logsigmoid(z * _logits(img, txt, s, b)).sum() / n,)
 
 
-def _check_single_process(run, glob, rank, world, parts, *, loss_everywhere, feature_factor, own_half=False):
+def _check_single_process(run, glob, rank, world, parts, *, loss_everywhere, feature_factor, own_half=False,
+                          group=None, rtol=1e-10, atol=1e-12):
     """This rank's run against L, the global batch's loss in one process (fp64), as ``parts`` (its halves) gives it.
 
     - loss: L on every rank (``loss_everywhere``: open_clip's global ClipLoss), else the ranks' mean is L;
@@ -118,19 +119,19 @@ def _check_single_process(run, glob, rank, world, parts, *, loss_everywhere, fea
     single = sum(h.detach() for h in halves)
     d_img, d_txt = (per_half[0][0], per_half[1][1]) if own_half else total[:2]
     loss, grads = run
-    _compare("d_image", grads[0], G * feature_factor * d_img[_rows(rank)], 1e-10, 1e-12)
-    _compare("d_text", grads[1], G * feature_factor * d_txt[_rows(rank)], 1e-10, 1e-12)
+    _compare("d_image", grads[0], G * feature_factor * d_img[_rows(rank)], rtol, atol)
+    _compare("d_text", grads[1], G * feature_factor * d_txt[_rows(rank)], rtol, atol)
     # the loss and the scalars' gradients of every rank
     mine = torch.stack([loss.double().reshape(())] + [g.double().reshape(()) for g in grads[2:]])
     every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine)
+    dist.all_gather(every, mine, group=group)
     every = torch.stack(every)  # (W, 1 + number of scalars)
     want = torch.stack([single] + [G * g for g in total[2:]])
     if loss_everywhere:
         for r in range(world):
-            _compare(f"rank {r}'s loss, d_logit_scale, d_logit_bias", every[r], want, 1e-10, 1e-12)
+            _compare(f"rank {r}'s loss, d_logit_scale, d_logit_bias", every[r], want, rtol, atol)
     else:
-        _compare("mean over ranks of loss, d_logit_scale, d_logit_bias", every.mean(0), want, 1e-10, 1e-12)
+        _compare("mean over ranks of loss, d_logit_scale, d_logit_bias", every.mean(0), want, rtol, atol)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,32 +287,49 @@ def _(rank, world):
         fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring")(img, txt, s, b)
 
 
+def _modes(rank, world, group=None, **kw):
+    """Every distributed mode as (name, loss, single-process parts, its expectations for _check_single_process)."""
+    import fastclip
+
+    for mode in ("bidir", "shift", "reduce", "gather", "ring"):
+        yield (f"siglip {mode}", fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl=mode, group=group, **kw),
+               _siglip, dict(loss_everywhere=False, feature_factor=world))
+    for lo, g, impl in [(False, False, None), (False, True, None), (True, False, None), (True, True, None),
+                        (False, False, "ring"), (False, True, "ring")]:
+        yield (f"clip local_loss={lo} gather_with_grad={g} dist_impl={impl}",
+               fastclip.ContrastiveLoss(lo, g, rank=rank, world_size=world, dist_impl=impl, group=group, **kw),
+               _clip_halves, dict(loss_everywhere=not lo, feature_factor=world if lo or g else 1, own_half=lo and not g))
+
+
 @check("group_subset")
 def _(rank, world):
-    # a process group of two ranks (the first and the last); the others sit out
-    members = [0, world - 1]
+    # a process group of the last two ranks (in a world of 3, ranks 1 and 2: group ranks differ from global ones)
+    members = list(range(world))[-2:]
     group = dist.new_group(members)
     if rank not in members:
         return
-    import fastclip
-
     sub_rank, sub_world = members.index(rank), len(members)
     glob = _global_inputs(sub_world, bias=-2.0, scale=12.0)
-    for loss_fn, parts, everywhere in [
-        (fastclip.SigLIPLoss(rank=sub_rank, world_size=sub_world, dist_impl="ring", group=group), _siglip, False),
-        (fastclip.SigLIPLoss(rank=sub_rank, world_size=sub_world, dist_impl="shift", group=group), _siglip, False),
-        (fastclip.ContrastiveLoss(gather_with_grad=True, rank=sub_rank, world_size=sub_world, dist_impl="ring",
-                                  group=group), _clip_halves, True),
-        (fastclip.ContrastiveLoss(True, True, rank=sub_rank, world_size=sub_world, group=group), _clip_halves, False),
-    ]:
-        loss, grads = _run(loss_fn, _local_leaves(glob, sub_rank))
-        leaves = [t.detach().clone().requires_grad_() for t in glob]
-        single = sum(parts(*leaves))
-        sgrads = torch.autograd.grad(single, leaves)
-        total = loss.reshape(1).clone()
-        dist.all_reduce(total, group=group)
-        _compare("mean loss", total[0] / sub_world, single, 1e-12, 1e-12)
-        _compare("d_image", grads[0], G * sub_world * sgrads[0][_rows(sub_rank)], 1e-10, 1e-12)
+    for name, loss_fn, parts, expect in _modes(sub_rank, sub_world, group, backend="torch"):
+        try:
+            _check_single_process(_run(loss_fn, _local_leaves(glob, sub_rank)), glob, sub_rank, sub_world, parts,
+                                  group=group, **expect)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+@check("bf16_features")
+def _(rank, world):
+    # bf16 features (no autocast): every block computes in fp32, so values and gradients are those of the
+    # bf16-rounded inputs up to the rounding of bf16 results: the loss, and the features' gradients, which open_clip's
+    # exchanges sum over W ranks in bf16 (each term rounded to 2^-9 of its size, the terms up to twice the sum)
+    glob = [t.to(torch.bfloat16).double() if t is not None else None for t in _global_inputs(world, bias=-1.0)]
+    for name, loss_fn, parts, expect in _modes(rank, world, backend="torch"):
+        try:
+            _check_single_process(_run(loss_fn, _local_leaves(glob, rank, torch.bfloat16)), glob, rank, world, parts,
+                                  rtol=world * 2 ** -8, atol=1e-6, **expect)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
 
 
 @check("world_size_mismatch")
