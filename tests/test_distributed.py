@@ -403,6 +403,43 @@ def test_comm_device(monkeypatch):
     assert _comm_device(None, None) == torch.device("cuda", 2)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, None])
+def test_local_contrastive_loss(chunk_size, monkeypatch):
+    """open_clip's local_loss on one rank's rows (no communication): (CE(s I_r all_T^T + b) + CE(s T_r all_I^T + b))
+    / 2 with row i's target at column rank * N_local + i, against fp64 PyTorch, every gradient, upstream G; each
+    row's logits computed once, in chunks of chunk_size rows."""
+    from fastclip import distributed as D
+
+    world, rank, n = 3, 1, N_LOCAL
+    img, txt, s, b = _global_inputs(world, bias=-0.5, scale=9.0)
+    leaves = [img[_rows(rank)], txt[_rows(rank)], img, txt, s, b]
+    ours_in = [t.detach().clone().requires_grad_() for t in leaves]
+    rows_done = []
+    logits = D._logits
+    monkeypatch.setattr(D, "_logits", lambda a, *args: rows_done.append(a.shape[0]) or logits(a, *args))
+    ours = D.local_contrastive_loss(*ours_in[:4], ours_in[4], ours_in[5], rank=rank, chunk_size=chunk_size)
+    assert rows_done == [min(chunk_size or n, n - i) for i in range(0, n, chunk_size or n)] * 2, rows_done
+    ref_in = [t.detach().clone().requires_grad_() for t in leaves]
+    i_r, t_r, all_i, all_t, sr, br = ref_in
+    target = torch.arange(n) + rank * n
+    ref = (F.cross_entropy(sr * i_r @ all_t.T + br, target) + F.cross_entropy(sr * t_r @ all_i.T + br, target)) / 2
+    _compare("loss", ours, ref, 1e-12, 1e-14)
+    for name, a, r in zip(("d_image", "d_text", "d_all_image", "d_all_text", "d_scale", "d_bias"),
+                          torch.autograd.grad(ours, ours_in, torch.tensor(G, dtype=torch.float64)),
+                          torch.autograd.grad(ref, ref_in, torch.tensor(G, dtype=torch.float64))):
+        _compare(name, a, r, 1e-10, 1e-13)
+
+
+def test_local_contrastive_loss_stays_on_the_features_device():
+    """Every intermediate lives on the inputs' device (the meta device stands in for a GPU)."""
+    from fastclip import distributed as D
+
+    img, txt, s, b = [t.to("meta").requires_grad_() for t in _global_inputs(2, torch.float32)]
+    loss = D.local_contrastive_loss(img[:N_LOCAL], txt[:N_LOCAL], img, txt, s, b, rank=0, chunk_size=2)
+    grads = torch.autograd.grad(loss, [img, txt, s, b])
+    assert loss.device.type == "meta" and all(g.device.type == "meta" for g in grads)
+
+
 def test_not_initialized():
     import fastclip
     from fastclip import distributed as D
