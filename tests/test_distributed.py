@@ -332,14 +332,60 @@ def _(rank, world):
             raise AssertionError(f"{name}: {e}") from None
 
 
+def _raises_exactly(exc, message, fn, *args, **kwargs):
+    with pytest.raises(exc) as e:
+        fn(*args, **kwargs)
+    assert str(e.value) == message, f"{e.value!s}\n!=\n{message}"
+
+
+@check("check_same_shapes_messages")
+def _(rank, world):
+    """Every rank raises, with the same words on every rank; what each rank holds, as each rank reports it."""
+    from fastclip import distributed as D
+    from fastclip._checks import check_feature_pair
+
+    ok = torch.zeros(N_LOCAL, DIM)
+    D.check_same_shapes(ok, ok, rank=rank)  # agreeing ranks pass, with or without a local check
+    D.check_same_shapes(ok, ok, rank=rank, local_check=check_feature_pair)
+    others = "; ".join(f"rank {r}: image_features ({N_LOCAL}, {DIM}), text_features ({N_LOCAL}, {DIM}), float32"
+                       for r in range(1, world))
+    tail = ("; every rank needs the same batch size, feature dim and dtype (drop or pad the last, smaller batch)")
+    # rank 0 holds something else; no local check, so every rank compares what each holds
+    for odd, desc in [(torch.zeros(N_LOCAL, DIM, 2), "(-1, -1), text_features (5, 7), float32"),
+                      (torch.zeros(N_LOCAL), "(5, 0), text_features (5, 7), float32"),
+                      (None, "(-1, -1), text_features (5, 7), ?"),
+                      (torch.zeros(N_LOCAL, DIM, dtype=torch.float64), "(5, 7), text_features (5, 7), float64"),
+                      (torch.zeros(N_LOCAL, DIM, dtype=torch.bfloat16), "(5, 7), text_features (5, 7), bfloat16"),
+                      (torch.zeros(N_LOCAL, DIM, dtype=torch.float16), "(5, 7), text_features (5, 7), float16"),
+                      (torch.zeros(N_LOCAL, DIM, dtype=torch.int64), "(5, 7), text_features (5, 7), ?")]:
+        msg = f"the ranks' features differ in shape or dtype (rank 0: image_features {desc}; {others}){tail}"
+        _raises_exactly(ValueError, msg, D.check_same_shapes, odd if rank == 0 else ok, ok, rank=rank)
+    # a local check fails on rank 0: its own error there, the others name it
+    bad = torch.zeros(N_LOCAL, DIM + 1)
+    if rank == 0:
+        with pytest.raises(ValueError, match="different feature dims"):
+            D.check_same_shapes(bad, ok, rank=rank, local_check=check_feature_pair)
+    else:
+        _raises_exactly(ValueError, "rank(s) [0] of the process group got invalid features (their own error says "
+                        "why); every rank stops here rather than wait for them", D.check_same_shapes, ok, ok,
+                        rank=rank, local_check=check_feature_pair)
+    # rank 0 passes the wrong rank: its own error there, the others name it
+    if rank == 0:
+        _raises_exactly(ValueError, "rank=1 but this process is rank 0 of the process group", D.check_same_shapes,
+                        ok, ok, rank=1)
+    else:
+        with pytest.raises(ValueError, match=r"^rank\(s\) \[0\] of the process group got invalid"):
+            D.check_same_shapes(ok, ok, rank=rank)
+
+
 @check("world_size_mismatch")
 def _(rank, world):
     import fastclip
 
     img, txt, s, b = _local_leaves(_global_inputs(world), rank)
     for cls in (fastclip.ContrastiveLoss, fastclip.SigLIPLoss):
-        with pytest.raises(ValueError, match=f"world_size={world + 1} but the process group has {world} ranks"):
-            cls(rank=rank, world_size=world + 1)(img, txt, s, b)
+        _raises_exactly(ValueError, f"world_size={world + 1} but the process group has {world} ranks",
+                        cls(rank=rank, world_size=world + 1), img, txt, s, b)
 
 
 @check("rank_mismatch")
@@ -447,8 +493,8 @@ def test_not_initialized():
     assert not dist.is_initialized()
     img, txt = torch.randn(3, 4), torch.randn(3, 4)
     for loss in (fastclip.ContrastiveLoss(rank=1, world_size=2), fastclip.SigLIPLoss(rank=1, world_size=2)):
-        with pytest.raises(RuntimeError, match=r"world_size=2 needs torch.distributed initialized \(torch"):
-            loss(img, txt, 10.0, -1.0)
+        _raises_exactly(RuntimeError, "world_size=2 needs torch.distributed initialized "
+                        "(torch.distributed.init_process_group) before the loss is called", loss, img, txt, 10.0, -1.0)
     with pytest.raises(RuntimeError, match="world_size=3 needs"):
         D.resolve(0, 3)
 
