@@ -433,6 +433,54 @@ def test_all_gather_with_grad(world, members, backend, monkeypatch):
     run_ranks(world, _gather_rows, members)
 
 
+def _ring_traffic(rank, world, sends):
+    """What each ring sends, as its docstring says: SigLIP, W - 1 hops of the text block (input dtype) and, with a
+    gradient, W hops of its fp32 gradient; CLIP, the same for the block and its column lse (n,) forward, and again
+    for both with the gradient's W hops backward. Nothing else travels."""
+    import threading
+
+    import fastclip
+
+    glob = _global_inputs(world, torch.bfloat16, bias=-1.0)
+    me = threading.get_ident()
+    n, d, f32 = N_LOCAL, DIM, torch.float32
+    # bf16 features; the CLIP ring's torch blocks compute in fp32, so its text blocks travel in fp32
+    text, block, lse = ((n, d), torch.bfloat16), ((n, d), f32), ((n,), f32)
+    for loss_fn, grad, want in [
+        (fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"), False,
+         [[text]] * (world - 1)),
+        (fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"), True,
+         [[text]] * (world - 1) + [[block]] * world),
+        (fastclip.ContrastiveLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"), True,
+         [[block]] * (world - 1) + [[lse]] * world + [[block, lse]] * (world - 1) + [[block]] * world),
+    ]:
+        sends[me] = []
+        leaves = _local_leaves(glob, rank)
+        if grad:
+            _run(loss_fn, leaves)
+        else:
+            with torch.no_grad():
+                loss_fn(*leaves)
+        got = sorted(sends[me], key=repr)
+        assert got == sorted(want, key=repr), (type(loss_fn).__name__, grad, got)
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES, ids=lambda w: f"world{w}")
+def test_ring_traffic(world, monkeypatch):
+    import threading
+
+    from fastclip import distributed as D
+
+    sends, p2p = {}, D._p2p
+
+    def recorded(to_send, to_recv, group):
+        sends[threading.get_ident()].append([(tuple(t.shape), t.dtype) for t, _ in to_send])
+        return p2p(to_send, to_recv, group)
+
+    monkeypatch.setattr(D, "_p2p", recorded)
+    run_ranks(world, _ring_traffic, sends)
+
+
 def test_comm_device(monkeypatch):
     """The tensors of the shape exchange live where the backend moves them: NCCL, the features' GPU or else the
     current one; gloo, the CPU."""
