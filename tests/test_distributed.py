@@ -497,8 +497,8 @@ def test_comm_device(monkeypatch):
     assert _comm_device(None, None) == torch.device("cuda", 2)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 2, 3, None])
-def test_local_contrastive_loss(chunk_size, monkeypatch):
+@pytest.mark.parametrize("chunk_size, dim", [(1, DIM), (2, DIM), (3, DIM), (None, DIM), (2, 3)])
+def test_local_contrastive_loss(chunk_size, dim, monkeypatch):
     """open_clip's local_loss on one rank's rows (no communication): (CE(s I_r all_T^T + b) + CE(s T_r all_I^T + b))
     / 2 with row i's target at column rank * N_local + i, against fp64 PyTorch, every gradient, upstream G; each
     row's logits computed once, in chunks of chunk_size rows."""
@@ -506,6 +506,7 @@ def test_local_contrastive_loss(chunk_size, monkeypatch):
 
     world, rank, n = 3, 1, N_LOCAL
     img, txt, s, b = _global_inputs(world, bias=-0.5, scale=9.0)
+    img, txt = img[:, :dim], txt[:, :dim]  # dim < N_LOCAL too: nothing mistakes one for the other
     leaves = [img[_rows(rank)], txt[_rows(rank)], img, txt, s, b]
     ours_in = [t.detach().clone().requires_grad_() for t in leaves]
     rows_done = []
