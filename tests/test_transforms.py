@@ -104,7 +104,7 @@ def _same_image(a, b, what):
         assert a.getpalette() == b.getpalette(), what
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L", "P"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "LA"])
 def test_center_crop_or_pad_equals_open_clip(mode):
     img = make_image(mode, 7, 10, np.random.default_rng(2))  # width 7, height 10; crops below are (h, w)
     for crop in ((10, 7), (5, 3), (4, 6), (12, 7), (10, 9), (13, 8), (3, 12), (11, 11), (6, 6), (12, 5), (11, 3), (8, 9)):
