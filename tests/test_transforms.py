@@ -208,3 +208,14 @@ def test_options_are_checked_and_shown():
         "ImageTransform(size=(32, 32), random_resized_crop(scale=(0.5, 1.0), ratio=(0.75, 1.333), bicubic), RGB, "
         f"mean={T.OPENAI_DATASET_MEAN}, std={T.OPENAI_DATASET_STD})")
     assert image_transform(32, fill_color=7, resize_mode="longest").fill_color == 7
+
+
+def test_no_warning():
+    # the pixels are copied out of PIL's read-only buffer: torch warns (once per process) on a non-writable array
+    import warnings
+
+    img = make_image("RGB", 30, 20, np.random.default_rng(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image_transform(16)(img)
+        image_transform(16, is_train=True)(img)
