@@ -215,7 +215,12 @@ def test_no_warning():
     import warnings
 
     img = make_image("RGB", 30, 20, np.random.default_rng(8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        image_transform(16)(img)
-        image_transform(16, is_train=True)(img)
+    old = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # a warning torch gave once already in this process is given again
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            image_transform(16)(img)
+            image_transform(16, is_train=True)(img)
+    finally:
+        torch.set_warn_always(old)
