@@ -87,6 +87,67 @@ def test_output_dict_and_module_args():
         fastclip.ContrastiveLoss(rank=2, world_size=2)
 
 
+@pytest.mark.parametrize("args,kwargs", [((), {}), ((True, True, True, 1, 2, False), {}),
+                                         ((), {"local_loss": True, "rank": 2, "world_size": 3})])
+def test_module_holds_what_clip_loss_holds(args, kwargs):
+    # open_clip_train builds ClipLoss positionally and by keyword: the same arguments mean the same, defaults included
+    ours, theirs = fastclip.ContrastiveLoss(*args, **kwargs), open_clip_loss.ClipLoss(*args, **kwargs)
+    for name in ("local_loss", "gather_with_grad", "cache_labels", "rank", "world_size"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    group = object()
+    assert fastclip.ContrastiveLoss(group=group).group is group
+
+
+def test_module_passes_its_arguments(monkeypatch):
+    # label_smoothing, backend and chunk_size reach the loss: the module is the function with its arguments
+    leaves = make_inputs(23, 8, scale=20.0, bias=-1.0)
+    ref_loss, ref_grads = loss_and_grads(lambda *x: reference.contrastive_loss_ref(*x, label_smoothing=0.1),
+                                         upcast(leaves))
+    loss, grads = loss_and_grads(fastclip.ContrastiveLoss(label_smoothing=0.1), leaves)
+    assert_close("loss", loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(name, g, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(BackendError, match="triton.*dtype float64 is not supported"):
+        fastclip.ContrastiveLoss(backend="triton")(*leaves)
+    # chunk_size reaches the torch backend (it bounds memory, so the values cannot show it: count the chunks)
+    from fastclip.ops.contrastive import pytorch
+
+    chunks, logits = [], pytorch._logits
+    monkeypatch.setattr(pytorch, "_logits", lambda a, *args: chunks.append(a.shape[0]) or logits(a, *args))
+    fastclip.ContrastiveLoss(backend="torch", chunk_size=10)(*leaves).backward()
+    assert chunks == [10, 10, 3] * 2  # forward, backward
+
+
+def test_module_refuses_bad_arguments():
+    # each message in full: it names the argument and what to do
+    cases = [
+        ({"rank": 2, "world_size": 2}, "need 0 <= rank < world_size, got rank=2, world_size=2"),
+        ({"rank": -1, "world_size": 2}, "need 0 <= rank < world_size, got rank=-1, world_size=2"),
+        ({"rank": 0, "world_size": 0}, "need 0 <= rank < world_size, got rank=0, world_size=0"),
+        ({"chunk_size": 0}, "chunk_size must be a positive integer or None, got 0"),
+        ({"use_horovod": True}, "use_horovod=True: fastclip's losses communicate through torch.distributed only; "
+                                "launch with torchrun (open_clip_train without --horovod)"),
+        ({"dist_impl": "allgather"}, "dist_impl='allgather': expected None (open_clip's all_gather) or 'ring'"),
+        ({"dist_impl": "ring", "local_loss": True},
+         "dist_impl='ring' computes the global loss (local_loss=False); its gradients under DDP equal "
+         "local_loss=True, gather_with_grad=True's. Set local_loss=False"),
+        ({"dist_impl": "ring", "label_smoothing": 0.1}, "label_smoothing is not supported with dist_impl='ring'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            fastclip.ContrastiveLoss(**kwargs)
+    for dist_impl in (None, "gather", "ring"):
+        assert fastclip.ContrastiveLoss(dist_impl=dist_impl).dist_impl == dist_impl
+
+
+def test_module_repr():
+    assert repr(fastclip.ContrastiveLoss()) == ("ContrastiveLoss(local_loss=False, gather_with_grad=False, rank=0, "
+                                                "world_size=1, backend='auto', label_smoothing=0.0)")
+    assert repr(fastclip.ContrastiveLoss(True, True, rank=1, world_size=2, backend="torch", dist_impl="gather")) == (
+        "ContrastiveLoss(local_loss=True, gather_with_grad=True, rank=1, world_size=2, backend='torch', "
+        "label_smoothing=0.0, dist_impl='gather')")
+
+
 def test_python_number_scale():
     img, txt, scale = make_inputs(11, 7)
     a = fastclip.contrastive_loss(img, txt, 14.3)

@@ -189,6 +189,22 @@ def test_upstream_gradient_and_retain_graph(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("negative_only", [False, True])
+def test_backward_makes_a_deferred_text_gradient(backend, negative_only):
+    # a forward may leave dT to the backward (a (0, D) placeholder, as Triton's does): the backward op then has the
+    # backend make dT for the upstream gradient g, with the forward's negative_only and chunks; every backend can
+    img, txt, scale, bias = [t.detach() for t in siglip_inputs(13, 8, torch.float32, scale=5.0, bias=-2.0)]
+    hi = upcast([img, txt, scale, bias])
+    ref = torch.autograd.grad(-2.5 * reference.siglip_loss_ref(*hi, negative_only=negative_only), hi)
+    _, d_img, _, d_s, d_b = torch.ops.fastclip.siglip_loss_fwd(img, txt, scale, bias, negative_only, True, backend, 4)
+    grads = torch.ops.fastclip.siglip_loss_bwd(torch.tensor(-2.5), img, txt, scale, bias, d_img, txt.new_empty((0, 8)),
+                                               d_s, d_b, negative_only, backend, 4)
+    for name, g, r in zip(GRAD_NAMES, grads, ref):
+        assert g.dtype == torch.float32
+        assert_close(name, g, r, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_grad_forward(backend):
     leaves = siglip_inputs(19, 8, torch.float32, scale=12.0, bias=-6.0)
     with torch.no_grad():
@@ -219,6 +235,33 @@ def test_output_dict_and_module_args():
     assert fastclip.SigLIPLoss().dist_impl == "bidir"
     with pytest.raises(ValueError, match="local_loss=False"):
         fastclip.ContrastiveLoss(local_loss=True, dist_impl="ring")
+
+
+@pytest.mark.parametrize("args,kwargs", [((), {}), ((True, 1, 2, "shift"), {}),
+                                         ((), {"rank": 2, "world_size": 3, "dist_impl": "gather"})])
+def test_module_holds_what_siglip_loss_holds(args, kwargs):
+    # open_clip_train builds SigLipLoss(rank=, world_size=, dist_impl=): the same arguments mean the same, defaults
+    # included (dist_impl None is 'bidir')
+    ours, theirs = fastclip.SigLIPLoss(*args, **kwargs), open_clip_loss.SigLipLoss(*args, **kwargs)
+    for name in ("cache_labels", "rank", "world_size", "dist_impl"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    group = object()
+    assert fastclip.SigLIPLoss(group=group).group is group
+
+
+def test_module_passes_its_arguments(monkeypatch):
+    # backend and chunk_size reach the loss (chunk_size bounds memory, so the values cannot show it: count chunks)
+    from fastclip.ops.siglip import pytorch
+
+    leaves = siglip_inputs(23, 8)
+    with pytest.raises(BackendError, match="triton.*dtype float64 is not supported"):
+        fastclip.SigLIPLoss(backend="triton")(*leaves)
+    chunks, siglip_fwd = [], pytorch.siglip_fwd
+    monkeypatch.setattr(pytorch, "siglip_fwd", lambda *args: chunks.append(args[-1]) or siglip_fwd(*args))
+    fastclip.SigLIPLoss(backend="torch", chunk_size=10)(*leaves)
+    assert chunks == [10]
+    with pytest.raises(ValueError, match=r"^chunk_size must be a positive integer or None, got 0$"):
+        fastclip.SigLIPLoss(chunk_size=0)
 
 
 def test_python_number_scale_and_bias():

@@ -30,20 +30,71 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 EQUIVALENT = ROOT / "tests" / "mutation"  # *.toml: one file per module, equivalent_<module>.toml
 
+
+def _ids(test: str, *params: str) -> list:
+    """Node ids of some parametrizations of ``test`` ("file::function")."""
+    return [f"{test}[{p}]" for p in params]
+
+
+# The torch backends' tests without the slow ones (n = 257 and 1000 in fp64 with 7-row chunks, the Triton kernels
+# in the interpreter): every function of the module is still run, at small odd sizes, every chunk boundary, fp64,
+# fp32, fp16/bf16, label smoothing, the confident and extreme regimes.
+_SCALES_CLIP = ("1.0-None-True", "14.3--2.5-True", "100.0-None-True", "30.0-1.0-False")
+_SCALES_SIGLIP = ("1.0--10.0-True", "10.0--10.0-True", "100.0-0.3-True", "30.0-None-False", "100.0-25.0-True")
+_SMALL = ("1-5", "3-16", "77-48")
+_CONTRASTIVE_TORCH = [
+    *_ids("tests/test_contrastive.py::test_matches_open_clip_fp64", *(f"{s}-{n}-torch" for s in _SCALES_CLIP
+                                                                      for n in _SMALL)),
+    "tests/test_contrastive.py::test_matches_open_clip_fp32",
+    *_ids("tests/test_contrastive.py::test_label_smoothing", "0.1-torch", "1.0-torch"),
+    *_ids("tests/test_contrastive.py::test_torch_chunk_sizes", "2", "13", "1000"),
+    "tests/test_contrastive.py::test_nan_in_nan_out[torch]",
+    "tests/test_contrastive.py::test_bf16_on_cpu_through_auto",
+    "tests/test_contrastive.py::test_module_passes_its_arguments",
+    *_ids("tests/test_regimes_losses.py::test_contrastive_trained_regime", "plain-float32-torch",
+          "plain-float16-torch", "bias+smoothing-float32-torch", "bias+smoothing-float16-torch"),
+]
+_SIGLIP_TORCH = [
+    *_ids("tests/test_siglip.py::test_matches_open_clip_fp64", *(f"{s}-{n}-torch" for s in _SCALES_SIGLIP
+                                                                 for n in _SMALL)),
+    "tests/test_siglip.py::test_torch_fp32",
+    *_ids("tests/test_siglip.py::test_negative_only_blocks", "1-1-torch", "3-5-torch", "40-33-torch", "17-17-torch"),
+    *_ids("tests/test_siglip.py::test_torch_chunk_sizes", "2", "13", "1000"),
+    "tests/test_siglip.py::test_extreme_logits_are_exact",
+    "tests/test_siglip.py::test_upstream_gradient_and_retain_graph[torch]",
+    *_ids("tests/test_siglip.py::test_backward_makes_a_deferred_text_gradient", "False-torch", "True-torch"),
+    "tests/test_siglip.py::test_no_grad_forward[torch]",
+    "tests/test_siglip.py::test_nan_in_nan_out[torch]",
+    "tests/test_siglip.py::test_auto_selection_and_bf16_on_cpu",
+    "tests/test_siglip.py::test_module_passes_its_arguments",
+    *_ids("tests/test_regimes_losses.py::test_siglip_extreme_logits", "float32-torch", "float16-torch"),
+]
+
 # module -> the test files (pytest node ids allowed) that exercise it
 MODULE_TESTS = {
     "fastclip/tokenizer.py": ["tests/test_tokenizer.py", "tests/test_regimes_tokenizer.py"],
     "fastclip/transforms.py": ["tests/test_transforms.py"],
-    "fastclip/losses.py": ["tests/test_contrastive.py", "tests/test_siglip.py", "tests/test_regimes_losses.py"],
+    # the tests that build the nn.Modules (the rest of those files call the functional ops and the kernels)
+    "fastclip/losses.py": ["tests/test_contrastive.py::test_matches_open_clip_fp64",
+                           "tests/test_contrastive.py::test_matches_open_clip_fp32",
+                           "tests/test_contrastive.py::test_output_dict_and_module_args",
+                           "tests/test_contrastive.py::test_module_holds_what_clip_loss_holds",
+                           "tests/test_contrastive.py::test_module_passes_its_arguments",
+                           "tests/test_contrastive.py::test_module_refuses_bad_arguments",
+                           "tests/test_contrastive.py::test_module_repr",
+                           "tests/test_siglip.py::test_matches_open_clip_fp64",
+                           "tests/test_siglip.py::test_output_dict_and_module_args",
+                           "tests/test_siglip.py::test_module_holds_what_siglip_loss_holds",
+                           "tests/test_siglip.py::test_module_passes_its_arguments"],
     "fastclip/distributed.py": ["tests/test_distributed.py", "tests/test_regimes_distributed.py"],
     "fastclip/dispatch.py": ["tests/test_contrastive.py", "tests/test_regimes_dispatch.py"],
     "fastclip/_checks.py": ["tests/test_contrastive.py", "tests/test_siglip.py", "tests/test_attention.py"],
     "fastclip/nn.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
     "fastclip/ops/contrastive/__init__.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
-    "fastclip/ops/contrastive/pytorch.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
+    "fastclip/ops/contrastive/pytorch.py": _CONTRASTIVE_TORCH,
     "fastclip/ops/contrastive/reference.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
     "fastclip/ops/siglip/__init__.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
-    "fastclip/ops/siglip/pytorch.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
+    "fastclip/ops/siglip/pytorch.py": _SIGLIP_TORCH,
     "fastclip/ops/siglip/reference.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
     "fastclip/ops/attention/__init__.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
     "fastclip/ops/attention/pytorch.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
