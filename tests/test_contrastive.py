@@ -186,6 +186,47 @@ def test_torch_chunk_sizes(chunk):
         assert_close(name, g, r, rtol=1e-10, atol=1e-13)
 
 
+def test_torch_backend_chunks(monkeypatch):
+    """The torch backend works on row chunks, forward and backward alike: chunk_size rows (the last one the rest),
+    or by default as many rows as keep a chunk x N tile within DEFAULT_TILE_ELEMENTS, and at least one."""
+    from fastclip.ops.contrastive import pytorch
+
+    chunks, logits = [], pytorch._logits
+    monkeypatch.setattr(pytorch, "_logits", lambda a, *args: chunks.append(a.shape[0]) or logits(a, *args))
+    leaves = make_inputs(23, 8, scale=30.0)
+    ref_loss, ref_grads = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves))
+    for chunk_size, tile, expected in [(1, 1 << 22, [1] * 23), (10, 1 << 22, [10, 10, 3]), (None, 1 << 22, [23]),
+                                       (None, 100, [4] * 5 + [3]), (None, 10, [1] * 23)]:
+        monkeypatch.setattr(pytorch, "DEFAULT_TILE_ELEMENTS", tile)
+        chunks.clear()
+        loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, backend="torch", chunk_size=chunk_size),
+                                     leaves)
+        assert chunks == expected * 2, (chunk_size, tile)
+        assert_close("loss", loss, ref_loss, rtol=1e-12, atol=1e-12)
+        for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+            assert_close(name, g, r, rtol=1e-10, atol=1e-13)
+
+
+def test_rowdot_in_chunks():
+    # the rows' dot products in chunks (the distributed modes' diagonal), chunks that do not divide N included
+    from fastclip.ops.contrastive.pytorch import _rowdot
+
+    a, b = torch.randn(11, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
+    for chunk in (1, 4, 11, 20):
+        assert_close("rowdot", _rowdot(a, b, chunk), (a * b).sum(dim=1), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_backward_half(backend):
+    # the backward op's real outputs have its fake's dtypes (the features' and the scale's) in half precision too
+    dtype = torch.bfloat16 if backend == "torch" else torch.float16
+    img, txt, scale = [t.detach() for t in make_inputs(19, 16, dtype, scale=5.0)]
+    bias = torch.tensor(0.25, dtype=dtype)
+    loss, row, col = torch.ops.fastclip.contrastive_loss_fwd(img, txt, scale, bias, 0.1, backend, 0)
+    torch.library.opcheck(torch.ops.fastclip.contrastive_loss_bwd.default,
+                          (torch.ones_like(loss), img, txt, scale, bias, row, col, 0.1, backend, 0))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernels (interpreter on CPU): fp32 and fp16 against the fp64 reference, odd shapes, strides
 
