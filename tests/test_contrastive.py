@@ -99,8 +99,9 @@ def test_module_holds_what_clip_loss_holds(args, kwargs):
 
 
 def test_module_passes_its_arguments(monkeypatch):
-    # label_smoothing, backend and chunk_size reach the loss: the module is the function with its arguments
-    leaves = make_inputs(23, 8, scale=20.0, bias=-1.0)
+    # label_smoothing, backend and chunk_size reach the loss: the module is the function with its arguments (no
+    # bias: label smoothing's mean logit then has none either)
+    leaves = make_inputs(23, 8, scale=20.0)
     ref_loss, ref_grads = loss_and_grads(lambda *x: reference.contrastive_loss_ref(*x, label_smoothing=0.1),
                                          upcast(leaves))
     loss, grads = loss_and_grads(fastclip.ContrastiveLoss(label_smoothing=0.1), leaves)
@@ -216,15 +217,52 @@ def test_rowdot_in_chunks():
         assert_close("rowdot", _rowdot(a, b, chunk), (a * b).sum(dim=1), rtol=1e-15, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck_backward_half(backend):
-    # the backward op's real outputs have its fake's dtypes (the features' and the scale's) in half precision too
-    dtype = torch.bfloat16 if backend == "torch" else torch.float16
-    img, txt, scale = [t.detach() for t in make_inputs(19, 16, dtype, scale=5.0)]
-    bias = torch.tensor(0.25, dtype=dtype)
-    loss, row, col = torch.ops.fastclip.contrastive_loss_fwd(img, txt, scale, bias, 0.1, backend, 0)
+@pytest.mark.parametrize("backend,dtype,scalar_dtype", [("torch", torch.bfloat16, torch.float32),
+                                                        ("torch", torch.float32, torch.float64),
+                                                        ("triton", torch.float16, torch.float32)])
+def test_ops_outputs_have_their_fakes_dtypes(backend, dtype, scalar_dtype):
+    # what torch.compile traces with (the fake implementations) is what runs: the accumulation dtype for the loss and
+    # statistics, the features' and the scale's dtypes for the gradients, also with half features and fp32 scalars
+    # (autocast's inputs) and fp32 features with fp64 scalars, label smoothing on
+    img, txt = [t.detach() for t in make_inputs(19, 16, dtype)[:2]]
+    scale, bias = torch.tensor(5.0, dtype=scalar_dtype), torch.tensor(0.25, dtype=scalar_dtype)
+    fwd = (img, txt, scale, bias, 0.1, backend, 0)
+    torch.library.opcheck(torch.ops.fastclip.contrastive_loss_fwd.default, fwd, test_utils="test_faketensor")
+    loss, row, col = torch.ops.fastclip.contrastive_loss_fwd(*fwd)
     torch.library.opcheck(torch.ops.fastclip.contrastive_loss_bwd.default,
-                          (torch.ones_like(loss), img, txt, scale, bias, row, col, 0.1, backend, 0))
+                          (torch.ones_like(loss), img, txt, scale, bias, row, col, 0.1, backend, 0),
+                          test_utils="test_faketensor")
+
+
+def test_torch_backend_on_the_features_device_and_dtype():
+    # every buffer is made on the features' device (meta here: any other device than the CPU would do) and in the
+    # accumulation dtype, whatever torch's default dtype
+    from fastclip.ops.contrastive import pytorch
+
+    img, txt = torch.randn(7, 4, device="meta"), torch.randn(7, 4, device="meta")
+    scale, bias = torch.tensor(3.0, device="meta"), torch.tensor(1.0, device="meta")
+    loss, row, col = pytorch.contrastive_fwd(img, txt, scale, bias, 0.1, 3)
+    grads = pytorch.contrastive_bwd(torch.ones((), device="meta"), img, txt, scale, bias, row, col, 0.1, 3)
+    assert all(t.device.type == "meta" for t in (loss, row, col, *grads))
+    leaves = make_inputs(9, 8, torch.float32, scale=10.0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, backend="torch", chunk_size=4), leaves)
+        _, row, col = torch.ops.fastclip.contrastive_loss_fwd(*[t.detach() for t in leaves], None, 0.0, "torch", 4)
+    finally:
+        torch.set_default_dtype(default)
+    assert loss.dtype == row.dtype == col.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    ref_loss, ref_grads = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves))
+    assert_close("loss", loss, ref_loss, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_partials_on_the_partials_device():
+    # the merge builds its index on the partials' device (meta here; CUDA after the Triton kernels on a GPU)
+    from fastclip.ops.contrastive.pytorch import merge_partials
+
+    m, rest = merge_partials(torch.randn(3, 5, device="meta"), torch.rand(3, 5, device="meta"))
+    assert m.device.type == rest.device.type == "meta" and m.shape == rest.shape == (5,)
 
 
 # ---------------------------------------------------------------------------------------------------------------

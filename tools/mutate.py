@@ -53,7 +53,12 @@ _CONTRASTIVE_TORCH = [
     "tests/test_contrastive.py::test_module_passes_its_arguments",
     "tests/test_contrastive.py::test_torch_backend_chunks",
     "tests/test_contrastive.py::test_rowdot_in_chunks",
-    "tests/test_contrastive.py::test_opcheck_backward_half[torch]",
+    *_ids("tests/test_contrastive.py::test_ops_outputs_have_their_fakes_dtypes", "torch-dtype0-scalar_dtype0",
+          "torch-dtype1-scalar_dtype1"),
+    "tests/test_contrastive.py::test_merge_partials_on_the_partials_device",
+    "tests/test_contrastive.py::test_torch_backend_on_the_features_device_and_dtype",
+    *_ids("tests/test_loss_numerics.py::test_contrastive_uniform", "0.0-torch-dtype0", "0.0-torch-dtype1",
+          "0.1-torch-dtype2"),
     *_ids("tests/test_regimes_losses.py::test_contrastive_trained_regime", "plain-float32-torch",
           "plain-float16-torch", "bias+smoothing-float32-torch", "bias+smoothing-float16-torch"),
 ]
