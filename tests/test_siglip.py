@@ -188,6 +188,36 @@ def test_upstream_gradient_and_retain_graph(backend):
         assert_close(name, a, r, rtol=2e-5, atol=1e-6)
 
 
+def test_torch_backend_chunks(monkeypatch):
+    """Row chunks of the torch backend, in the forward and in the text gradient the backward may ask for: chunk_size
+    rows, or by default as many as keep a chunk x M tile within DEFAULT_TILE_ELEMENTS (M: the texts), at least one."""
+    from fastclip.ops.siglip import pytorch
+
+    chunks, softplus = [], pytorch._softplus_
+    monkeypatch.setattr(pytorch, "_softplus_",
+                        lambda x: (chunks.append(x.shape[0]) if x.dim() == 2 else None) or softplus(x))
+    img, txt, scale, bias = [t.detach() for t in siglip_inputs(23, 8)]
+    for m, chunk_size, tile, expected in [(23, 10, 1 << 22, [10, 10, 3]), (23, None, 1 << 22, [23]),
+                                          (23, None, 100, [4] * 5 + [3]), (23, None, 10, [1] * 23),
+                                          (1, None, 10, [10, 10, 3])]:
+        monkeypatch.setattr(pytorch, "DEFAULT_TILE_ELEMENTS", tile)
+        chunks.clear()
+        pytorch.siglip_fwd(img, txt[:m], scale, bias, m != 23, True, chunk_size)
+        pytorch.siglip_bwd_text(torch.tensor(1.0, dtype=img.dtype), img, txt[:m], scale, bias, m != 23, chunk_size)
+        assert chunks == expected * 2, (m, chunk_size, tile)
+
+
+def test_torch_backend_on_the_features_device():
+    # every buffer is made on the features' device (meta here: any other device than the CPU would do)
+    from fastclip.ops.siglip import pytorch
+
+    img, txt = torch.randn(7, 4, device="meta"), torch.randn(5, 4, device="meta")
+    scale, bias = torch.tensor(3.0, device="meta"), torch.tensor(1.0, device="meta")
+    for negative_only in (False, True):
+        out = pytorch.siglip_fwd(img, txt, scale, bias, negative_only, True, 3)
+        assert all(t.device.type == "meta" for t in out)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("negative_only", [False, True])
 def test_backward_makes_a_deferred_text_gradient(backend, negative_only):

@@ -75,6 +75,8 @@ _SIGLIP_TORCH = [
     "tests/test_siglip.py::test_nan_in_nan_out[torch]",
     "tests/test_siglip.py::test_auto_selection_and_bf16_on_cpu",
     "tests/test_siglip.py::test_module_passes_its_arguments",
+    "tests/test_siglip.py::test_torch_backend_chunks",
+    "tests/test_siglip.py::test_torch_backend_on_the_features_device",
     *_ids("tests/test_regimes_losses.py::test_siglip_extreme_logits", "float32-torch", "float16-torch"),
 ]
 
