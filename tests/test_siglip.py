@@ -208,7 +208,8 @@ def test_torch_backend_chunks(monkeypatch):
 
 
 def test_torch_backend_on_the_features_device():
-    # every buffer is made on the features' device (meta here: any other device than the CPU would do)
+    # every buffer is made on the features' device (meta here: any other device than the CPU would do), and no
+    # gradient buffer at all when no gradient is wanted
     from fastclip.ops.siglip import pytorch
 
     img, txt = torch.randn(7, 4, device="meta"), torch.randn(5, 4, device="meta")
@@ -216,6 +217,8 @@ def test_torch_backend_on_the_features_device():
     for negative_only in (False, True):
         out = pytorch.siglip_fwd(img, txt, scale, bias, negative_only, True, 3)
         assert all(t.device.type == "meta" for t in out)
+        loss, d_img, d_txt, _, _ = pytorch.siglip_fwd(img, txt, scale, bias, negative_only, False, 3)
+        assert loss.device.type == "meta" and d_img is None and d_txt is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
