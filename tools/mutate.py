@@ -95,7 +95,10 @@ MODULE_TESTS = {
                            "tests/test_siglip.py::test_matches_open_clip_fp64",
                            "tests/test_siglip.py::test_output_dict_and_module_args",
                            "tests/test_siglip.py::test_module_holds_what_siglip_loss_holds",
-                           "tests/test_siglip.py::test_module_passes_its_arguments"],
+                           "tests/test_siglip.py::test_module_passes_its_arguments",
+                           # the ranks as threads of the test process: the distributed forwards' arguments
+                           "tests/test_distributed.py::test_distributed[world2-clip_local0_gwg0_bias]",
+                           "tests/test_distributed.py::test_distributed[world2-siglip_bidir]"],
     "fastclip/distributed.py": ["tests/test_distributed.py", "tests/test_regimes_distributed.py"],
     "fastclip/dispatch.py": ["tests/test_contrastive.py", "tests/test_regimes_dispatch.py"],
     "fastclip/_checks.py": ["tests/test_contrastive.py", "tests/test_siglip.py", "tests/test_attention.py"],
