@@ -254,6 +254,32 @@ def test_key_is_value_or_query_is_key(fused_calls):
     assert len(fused_calls) == 2
 
 
+@pytest.mark.parametrize("batch_first,shape", [(False, (6, 2, E)), (True, (2, 6, E)), (True, (6, E))])
+def test_is_causal_alone_on_torchs_path(batch_first, shape, fused_calls):
+    """is_causal=True without attn_mask (fastclip's extension) on torch's path (need_weights=True): the causal
+    (L, S) mask is built from the sequence dim of the layout (sequence first, batch first, unbatched), on the
+    input's device."""
+    ref, ours = _pair(batch_first=batch_first)
+    x = torch.randn(shape, dtype=torch.float64)
+    seq = 1 if batch_first and x.dim() == 3 else 0
+    (out, w), (out_r, w_r) = ours(x, x, x, is_causal=True), ref(x, x, x, attn_mask=_causal(6, 6, "bool", None))
+    assert torch.equal(out, out_r) and torch.equal(w, w_r) and x.shape[seq] == 6 and not fused_calls
+    meta = MultiheadAttention(E, H, batch_first=batch_first, device="meta")
+    assert meta(x.to("meta"), x.to("meta"), x.to("meta"), is_causal=True)[0].shape == shape
+
+
+def test_is_causal_hint_reaches_torch(fused_calls):
+    """On torch's path the is_causal hint is torch's: with attn_mask and no padding torch trusts it and never
+    reads the mask (here an all-zero float mask, so the hint alone makes attention causal)."""
+    ref, ours = _pair(kdim=24, vdim=24)  # separate k/v sizes: torch's path
+    q = torch.randn(5, 2, E, dtype=torch.float64)
+    kv = torch.randn(5, 2, 24, dtype=torch.float64)
+    kw = dict(need_weights=False, attn_mask=torch.zeros(5, 5, dtype=torch.float64), is_causal=True)
+    out, out_r = ours(q, kv, kv, **kw)[0], ref(q, kv, kv, **kw)[0]
+    assert torch.equal(out, out_r) and not fused_calls
+    assert not torch.equal(out, ref(q, kv, kv, need_weights=False, attn_mask=kw["attn_mask"])[0])
+
+
 def test_forward_defaults_are_torchs(fused_calls):
     """ours(q, k, v) with torch's defaults (need_weights=True, average_attn_weights=True, sequence first): torch's
     output and head-averaged (B, L, S) weights, exactly."""
@@ -327,7 +353,7 @@ def test_sdpa_mask(causal, s_q, s_k):
     """sdpa_mask: SDPA's (B, 1, S_q, S_k) mask, True = attend, and the (B, 1, S_q, 1) queries that see no key;
     those rows are all True in the mask, so that no SDPA kernel meets a fully masked row. Built on the padding
     mask's device."""
-    from fastclip.ops.attention.pytorch import sdpa_mask
+    from fastclip.ops.attention.pytorch import attention_sdpa, sdpa_mask
 
     pad = padding_mask(3, s_k)
     pad[2] = True  # batch 2 sees no key
@@ -340,3 +366,6 @@ def test_sdpa_mask(causal, s_q, s_k):
     assert torch.equal(attend, see | want_empty) and attend.any(-1).all()
     meta = sdpa_mask(pad.to("meta"), causal, s_q)
     assert all(t.device.type == "meta" for t in meta)
+    # and attention_sdpa's own masks (causal, S_q != S_k, no padding) are made on the inputs' device
+    q, k = torch.empty(2, s_q, H, D, device="meta"), torch.empty(2, s_k, H, D, device="meta")
+    assert attention_sdpa(q, k, k, causal, None, 0.3).shape == (2, s_q, H, D)
