@@ -1,13 +1,9 @@
 """Streaming top-k similarity in PyTorch, any device (the CPU default).
 
-Each block of ``block_q`` queries sweeps the gallery in tiles of ``block_g`` rows: the (block_q, block_g) score
-tile is one GEMM in fp32 (fp64 for fp64 inputs) written into a preallocated buffer, and its winners are merged into
-the block's running top-k. Memory beyond the inputs: the (Q, k) result, one score tile and, for 16-bit inputs, one
-gallery tile in the accumulation dtype; the (Q, G) matrix never exists.
-
-The selection costs little next to the GEMM: once a row's running top-k is full, the row skips every tile whose best
-score does not beat its k-th (most tiles, late in the sweep), and a wide tile's row is cut to the k chunks of
-``CHUNK`` columns with the largest maxima before its top-k (see :func:`tile_topk`).
+The gallery is swept in tiles of ``block_g`` rows; for each tile and each chunk of ``block_q`` queries the (block_q,
+block_g) score tile is formed in fp32 (fp64 for fp64 inputs), reduced to its k best, and merged into a running
+(Q, k) top-k. Memory beyond the inputs: the (Q, k) result, one score tile and one tile of the gallery in the
+accumulation dtype; the (Q, G) matrix never exists.
 
 Exact order (values descending, NaN first as in torch.topk, ties by the lower index) at the cost of a top-k, not a
 sort, per tile: ``torch.topk`` picks k + 1 candidates, and a row whose k-th and (k + 1)-th scores are equal (a tie
@@ -22,9 +18,8 @@ import torch
 
 from fastclip.ops.contrastive.pytorch import acc_dtype
 
+DEFAULT_TILE_ELEMENTS = 1 << 22  # scores per tile: 16 MB in fp32
 DEFAULT_BLOCK_Q = 1024
-DEFAULT_BLOCK_G = 4096
-CHUNK = 32  # columns per chunk of tile_topk's first pass
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -32,40 +27,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a == b) | (a.isnan() & b.isnan())
 
 
-def chunk_max(scores: torch.Tensor, k: int) -> Optional[torch.Tensor]:
-    """The maxima (R, n / CHUNK) of each row's chunks of ``CHUNK`` columns (NaN for a chunk holding one), or None
-    for a tile too narrow for :func:`tile_topk` to gain from them."""
-    n = scores.shape[1]
-    if n < 2 * k * CHUNK or n % CHUNK:
-        return None
-    return scores.unflatten(1, (n // CHUNK, CHUNK)).amax(dim=2)
-
-
-def tile_topk(scores: torch.Tensor, k: int, rows: Optional[torch.Tensor] = None,
-              chunk_maxima: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The exact top-min(k, n) of each row of ``scores`` (R, n) (of the rows ``rows`` only when given), as (values,
-    indices) in ascending index order.
-
-    With the :func:`chunk_max` of the tile, a row is first cut to the k chunks with the largest maxima (equal
-    maxima: the lower chunk first), which hold its top k: an entry of any other chunk is outranked by the maxima of
-    k chunks, each larger, or equal with a lower index. The top-k then runs on k * CHUNK columns instead of n.
-    """
-    if chunk_maxima is None:
-        return _exact_topk(scores if rows is None else scores.index_select(0, rows), k)
-    if rows is not None:
-        chunk_maxima = chunk_maxima.index_select(0, rows)
-    _, chunks = _exact_topk(chunk_maxima, k)  # (R', k), ascending
-    cols = (chunks[:, :, None] * CHUNK + torch.arange(CHUNK, device=scores.device)).flatten(1)  # (R', k * CHUNK)
-    if rows is None:
-        picked = scores.gather(1, cols)
-    else:
-        picked = scores.take(rows[:, None] * scores.shape[1] + cols)  # scores[rows[:, None], cols]
-    vals, j = _exact_topk(picked, k)  # cols ascending, so ties keep the lower index
-    return vals, cols.gather(1, j)
-
-
-def _exact_topk(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`tile_topk` with one ``torch.topk`` over the whole row."""
+def tile_topk(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The exact top-min(k, n) of each row of ``scores`` (R, n), as (values, indices) in ascending index order."""
     n = scores.shape[1]
     if n <= k:  # the whole tile is selected
         idx = torch.arange(n, device=scores.device).expand(scores.shape[0], n)
@@ -96,60 +59,23 @@ def merge_topk(run_vals: torch.Tensor, run_idx: torch.Tensor, vals: torch.Tensor
     return v[:, :k].contiguous(), i.gather(1, order[:, :k])
 
 
-def _view(buf: torch.Tensor, shape: Tuple[int, int], offset: int = 0) -> torch.Tensor:
-    """A contiguous ``shape`` view of the flat buffer ``buf`` from ``offset`` (no allocation)."""
-    return buf[offset:offset + shape[0] * shape[1]].view(shape)
-
-
-def _rows_to_update(best: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
-    """The rows whose best tile score ``best`` (R,) enters their running top-k, of k-th score ``kth`` (R,): those
-    ranking above it. The tile's indices are all higher, so an entry equal to the k-th (NaN included) stays out; a
-    NaN beats every number, and the maximum of a row holding a NaN is NaN."""
-    return ((best > kth) | (best.isnan() & ~kth.isnan())).nonzero().squeeze(1)
-
-
-def _sweep(queries: torch.Tensor, gallery: torch.Tensor, k: int, block_g: int,
-           buf: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The top-k of ``queries`` (R, D), already in the accumulation dtype, over ``gallery`` swept in tiles; each
-    (R, block_g) score tile is written into ``buf``."""
-    nq, dt = queries.shape[0], queries.dtype
-    vals = queries.new_empty((nq, 0))
-    idx = queries.new_empty((nq, 0), dtype=torch.int64)
-    for g0 in range(0, gallery.shape[0], block_g):
-        g_tile = gallery[g0:g0 + block_g]  # (bg, D)
-        if g_tile.dtype != dt:
-            g_tile = _view(buf, g_tile.shape, offset=nq * block_g).copy_(g_tile)
-        scores = torch.mm(queries, g_tile.T, out=_view(buf, (nq, g_tile.shape[0])))  # (R, bg)
-        maxima = chunk_max(scores, k)
-        rows = None
-        if vals.shape[1] == k:
-            # once the running k-th scores are high, most rows have nothing in a tile that enters their top-k
-            rows = _rows_to_update((scores if maxima is None else maxima).amax(dim=1), vals[:, -1])
-            if not rows.numel():
-                continue
-            rows = None if rows.numel() == nq else rows
-        v, i = tile_topk(scores, k, rows, maxima)
-        if rows is None:
-            vals, idx = merge_topk(vals, idx, v, i + g0, k)
-        else:
-            v, i = merge_topk(vals.index_select(0, rows), idx.index_select(0, rows), v, i + g0, k)
-            vals.index_copy_(0, rows, v)
-            idx.index_copy_(0, rows, i)
-    return vals, idx
-
-
 def topk_similarity(queries: torch.Tensor, gallery: torch.Tensor, k: int, block_q: Optional[int] = None,
                     block_g: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(values (Q, k) in the accumulation dtype, indices (Q, k) int64) of the k largest ``queries @ gallery.T``."""
     nq, ng = queries.shape[0], gallery.shape[0]
     dt = acc_dtype(queries.dtype)
     block_q = min(nq, block_q or DEFAULT_BLOCK_Q)
-    block_g = min(ng, block_g or max(k + 1, DEFAULT_BLOCK_G))
-    # one score tile, and a gallery tile in the accumulation dtype when the inputs are 16-bit
-    convert = gallery.dtype != dt
-    buf = queries.new_empty(block_q * block_g + (block_g * gallery.shape[1] if convert else 0), dtype=dt)
-    vals = queries.new_empty((nq, k), dtype=dt)
-    idx = queries.new_empty((nq, k), dtype=torch.int64)
-    for q0 in range(0, nq, block_q):
-        vals[q0:q0 + block_q], idx[q0:q0 + block_q] = _sweep(queries[q0:q0 + block_q].to(dt), gallery, k, block_g, buf)
+    block_g = block_g or max(k + 1, DEFAULT_TILE_ELEMENTS // block_q)
+    vals = queries.new_empty((nq, 0), dtype=dt)
+    idx = queries.new_empty((nq, 0), dtype=torch.int64)
+    for g0 in range(0, ng, block_g):
+        g_tile = gallery[g0:g0 + block_g].to(dt)  # (bg, D)
+        new_vals, new_idx = [], []
+        for q0 in range(0, nq, block_q):
+            scores = queries[q0:q0 + block_q].to(dt) @ g_tile.T  # (bq, bg)
+            v, i = tile_topk(scores, k)
+            v, i = merge_topk(vals[q0:q0 + block_q], idx[q0:q0 + block_q], v, i + g0, k)
+            new_vals.append(v)
+            new_idx.append(i)
+        vals, idx = torch.cat(new_vals), torch.cat(new_idx)
     return vals, idx
