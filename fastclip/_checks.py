@@ -104,6 +104,16 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def amp_loss_dtype(dtype: torch.dtype, amp: Optional[torch.dtype], *, fp32_under_autocast: bool) -> torch.dtype:
+    """The dtype of the loss open_clip's code returns for features of ``dtype`` under autocast dtype ``amp`` (None:
+    autocast off, the features' dtype). ``fp32_under_autocast``: CLIP's loss, whose F.cross_entropy autocast runs
+    in fp32 (fp64 left alone); otherwise SigLIP's, whose autocast-dtype logits meet labels in the features' dtype:
+    the two promoted."""
+    if amp is None or dtype not in _AMP_ELIGIBLE:
+        return dtype
+    return torch.float32 if fp32_under_autocast else torch.promote_types(dtype, amp)
+
+
 def amp_cast(t: Optional[Tensor], amp: Optional[torch.dtype]) -> Optional[Tensor]:
     """``t`` in the autocast dtype ``amp`` (None: unchanged), as autocast casts a GEMM's inputs."""
     if t is None or amp is None or t.dtype not in _AMP_ELIGIBLE or t.dtype == amp:

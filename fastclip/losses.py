@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastclip import functional as F
-from fastclip._checks import amp_cast, autocast_dtype
+from fastclip._checks import amp_cast, amp_loss_dtype, autocast_dtype
 
 
 def _autocast_once(loss_in_fp32: bool):
@@ -26,9 +26,7 @@ def _autocast_once(loss_in_fp32: bool):
             with torch.autocast(image_features.device.type, enabled=False):
                 loss = forward(self, amp_cast(image_features, amp), amp_cast(text_features, amp), logit_scale,
                                logit_bias)
-            if loss_in_fp32:
-                return loss.to(dtype if dtype == torch.float64 else torch.float32)
-            return loss.to(torch.promote_types(dtype, amp))
+            return loss.to(amp_loss_dtype(dtype, amp, fp32_under_autocast=loss_in_fp32))
         return run
     return wrap
 

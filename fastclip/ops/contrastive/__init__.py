@@ -17,7 +17,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastclip._checks import amp_cast, as_scalar, autocast_dtype, check_chunk_size, check_feature_pair, \
+from fastclip._checks import amp_cast, amp_loss_dtype, as_scalar, autocast_dtype, check_chunk_size, check_feature_pair, \
     check_label_smoothing
 from fastclip.dispatch import Lazy, Support, cuda_ext_unavailable, cuda_kernel_reasons, no_bf16_in_interpreter, \
     register, select, supports, triton_unavailable
@@ -145,8 +145,7 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     check_chunk_size(chunk_size)
     amp = autocast_dtype(image_features.device)
     image, text = amp_cast(image_features, amp), amp_cast(text_features, amp)
-    # under autocast the loss is fp32, as F.cross_entropy's there (fp64 is left alone, as autocast leaves it)
-    out_dtype = torch.float32 if amp is not None and image_features.dtype != torch.float64 else image_features.dtype
+    out_dtype = amp_loss_dtype(image_features.dtype, amp, fp32_under_autocast=True)
     row = select(OP, backend, device=image.device, dtype=image.dtype, dim=image.shape[1])
     if row.backend == "reference":  # open_clip's code, autocast included
         return row.impl(image_features, text_features, scale, bias, label_smoothing=ls).to(out_dtype)

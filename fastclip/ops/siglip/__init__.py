@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastclip._checks import amp_cast, as_scalar, autocast_dtype, check_chunk_size, check_feature_pair
+from fastclip._checks import amp_cast, amp_loss_dtype, as_scalar, autocast_dtype, check_chunk_size, check_feature_pair
 from fastclip.dispatch import Lazy, Support, no_bf16_in_interpreter, register, select, supports, triton_unavailable
 from fastclip.ops.contrastive.pytorch import acc_dtype
 from fastclip.ops.siglip import reference
@@ -119,9 +119,7 @@ def siglip_block(image_features: Tensor, text_features: Tensor, scale: Tensor, b
     """
     amp = autocast_dtype(image_features.device)
     image, text = amp_cast(image_features, amp), amp_cast(text_features, amp)
-    # open_clip's SigLipLoss multiplies the autocast-dtype logits by labels in the features' dtype: its loss is in
-    # their promoted dtype (the features' dtype outside autocast)
-    out_dtype = torch.promote_types(image_features.dtype, image.dtype)
+    out_dtype = amp_loss_dtype(image_features.dtype, amp, fp32_under_autocast=False)
     row = select(OP, backend, device=image.device, dtype=image.dtype, dim=image.shape[1])
     if row.backend == "reference":  # open_clip's code, autocast included
         return row.impl(image_features, text_features, scale, bias, negative_only=negative_only).to(out_dtype)
