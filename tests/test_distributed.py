@@ -242,6 +242,27 @@ for _mode, _pair in [("clip_gather", lambda r, w: _clip_pair(r, w)),
         _compare_runs(ours, ref, rtol=3e-2, atol=3e-3)
 
 
+@check("ring_python_scalars")
+def _(rank, world):
+    # logit_scale or logit_bias a Python number (a float32 0-d tensor inside) with fp64 features and the other
+    # scalar: no fp64 gradient is rounded through the float32 one's dtype
+    for scale, bias in [(8.0, None), (None, -1.25)]:
+        glob = _global_inputs(world, bias=-1.25 if scale else None, scale=8.0)
+        img, txt, s, b = _local_leaves(glob, rank)
+
+        def call(fn, i, t, x):  # x: the scalar given as a tensor
+            return fn(i, t, scale, x) if scale else fn(i, t, x, bias)
+
+        for fn, parts, expect in [
+                (_siglip_pair(rank, world, "ring", backend="torch")[0], _siglip,
+                 dict(loss_everywhere=False, feature_factor=world)),
+                (_clip_pair(rank, world, gather_with_grad=True, dist_impl="ring", backend="torch")[0], _clip_halves,
+                 dict(loss_everywhere=True, feature_factor=world))]:
+            ours = _run(lambda i, t, x: call(fn, i, t, x), [img, txt, b if scale else s])
+            ref_glob = [glob[0], glob[1], glob[3] if scale else glob[2], None]
+            _check_single_process(ours, ref_glob, rank, world, lambda i, t, x, _: call(parts, i, t, x), **expect)
+
+
 @check("ring_no_grad")
 def _(rank, world):
     glob = _global_inputs(world, bias=-1.5, scale=7.0)
