@@ -353,6 +353,25 @@ def _(rank, world):
             raise AssertionError(f"{name}: {e}") from None
 
 
+def _siglip_bidir_subgroup(rank, world):
+    # 3 of 4 ranks: the first subgroup where 'bidir' makes a two-way exchange, with group ranks not the global ones
+    import fastclip
+
+    members = [1, 2, 3]
+    group = dist.new_group(members)
+    if rank not in members:
+        return
+    sub_rank, sub_world = members.index(rank), len(members)
+    glob = _global_inputs(sub_world, bias=-2.0, scale=12.0)
+    loss_fn = fastclip.SigLIPLoss(rank=sub_rank, world_size=sub_world, dist_impl="bidir", group=group, backend="torch")
+    _check_single_process(_run(loss_fn, _local_leaves(glob, sub_rank)), glob, sub_rank, sub_world, _siglip,
+                          group=group, loss_everywhere=False, feature_factor=sub_world)
+
+
+def test_siglip_bidir_on_a_subgroup():
+    run_ranks(4, _siglip_bidir_subgroup)
+
+
 def _raises_exactly(exc, message, fn, *args, **kwargs):
     with pytest.raises(exc) as e:
         fn(*args, **kwargs)
