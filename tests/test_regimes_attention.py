@@ -1,9 +1,12 @@
 """Cross-attention on every backend: q, k, v distinct, S_q != S_k, k and v with different strides, causal +
-padding; and ``fastclip.nn.MultiheadAttention``'s separate-projection branch against torch's, biases included.
+padding; near one-hot attention (every query dominated by one key, where dS = P (dP - delta) cancels); and
+``fastclip.nn.MultiheadAttention``'s separate-projection branch against torch's, biases included.
 
 Bounds: flash-attn's rule against the fp64 specification (``tests/regimes.py``): at most 2x (output) / 3x
 (gradients) the error of the same maths done naively in the inputs' dtype.
 """
+import math
+
 import pytest
 import torch
 
@@ -11,7 +14,8 @@ import fastclip
 from fastclip.nn import MultiheadAttention
 
 from .helpers import assert_within_naive, naive_error, unit_roundoff
-from .regimes import attention_spec, cross_attention_inputs, padding_mask, runnable_backends
+from .regimes import attention_spec, cross_attention_inputs, padding_mask, peaked_attention_inputs, \
+    runnable_backends
 
 B, H, D = 2, 2, 16
 SHAPES = [(5, 13), (13, 5), (1, 7)]  # (S_q, S_k): fewer queries than keys, more, a single query
@@ -85,6 +89,38 @@ def check_cross_attention(fast, leaves, causal, mask, scale=0.37):
         naive_g = (lo.double() - hi).abs().max().item()
         assert_within_naive(name, g, hi, naive_g, factor=3, atol=atol_g)
     assert (grads[1][:, :, 0] == 0).all() and (grads[1][:, :, 2] == 0).all(), "gradient outside k's slot"
+
+
+@pytest.mark.parametrize("backend", [b for b in runnable_backends("flash_attention", torch.float16, 32)
+                                     if b != "reference"])
+@pytest.mark.parametrize("peak", [8.0, 12.0, 24.0])
+def test_near_one_hot_attention(backend, peak):
+    """fp16, each query's softmax dominated by one key (1 - p ~ 1e-2, ~3e-4 = fp16's rounding of 1, ~1e-9): output and
+    gradients against fp64 by flash-attn's rule (2x / 3x the naive same-dtype error). The gradients' atol is only the
+    fp32 accumulation of D products times the sizes dq = c dS k carries: delta = <dO, O> (from O as stored, as in
+    flash-attn) and dP = dO . v_j are separate fp32 sums of the same products once O rounds to v_j exactly."""
+    b, s, h, d, dtype = 1, 20, 2, 32, torch.float16
+    q, k, v = peaked_attention_inputs(b, s, h, d, peak, dtype)
+    scale = 1 / math.sqrt(d)
+    out = fastclip.flash_attention(q, k, v, softmax_scale=scale, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    def spec(*t):
+        return attention_spec(*t, False, None, scale)
+
+    hi = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    lo = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    hi_out, lo_out = spec(*hi), spec(*lo)
+    assert_within_naive("out", out, hi_out, (lo_out.double() - hi_out).abs().max().item(), factor=2,
+                        atol=unit_roundoff(dtype) * 1e-3)
+    hi_grads = torch.autograd.grad(hi_out, hi, dout.double())
+    lo_grads = torch.autograd.grad(lo_out, lo, dout)
+    terms = scale * dout.abs().max().item() * v.abs().max().item() * max(q.abs().max().item(), k.abs().max().item())
+    atol = terms * 2 * d * unit_roundoff(torch.float32)
+    for name, g, h_, l_ in zip(("dq", "dk", "dv"), grads, hi_grads, lo_grads):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        assert_within_naive(name, g, h_, (l_.double() - h_).abs().max().item(), factor=3, atol=atol)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
