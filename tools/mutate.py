@@ -126,9 +126,13 @@ def score(module: str, codes: dict, equivalent: dict) -> tuple[str, list]:
     killed = [k for k, c in codes.items() if c in KILLED and k not in equiv]
     survived = sorted(k for k, c in codes.items() if c not in KILLED and k not in equiv)
     denom = len(codes) - len(equiv)
-    pct = 100.0 * len(killed) / denom if denom else 100.0
-    line = (f"{module}: {len(codes)} of {total} mutants tried, {len(killed)} killed, {len(equiv)} equivalent, "
-            f"{len(survived)} not killed -> {pct:.1f}% of non-equivalent (timeouts counted as killed: {timeouts})")
+    tried = f"{len(codes)} of {total} mutants tried"
+    if not denom:  # nothing scored: no score, not 100%
+        return f"{module}: {tried}, no score (run it, or mutmut found no test for its mutants)", survived
+    pct = 100.0 * len(killed) / denom
+    partial = "" if len(codes) == total else f" PARTIAL: {total - len(codes)} mutants not tried,"
+    line = (f"{module}: {tried},{partial} {len(killed)} killed, {len(equiv)} equivalent, {len(survived)} not killed"
+            f" -> {pct:.1f}% of non-equivalent tried (timeouts counted as killed: {timeouts})")
     return line, survived
 
 
