@@ -64,6 +64,14 @@ void check_contrastive_features(const char* op, const Tensor& image, const Tenso
               text.device(), ", scale on ", scale.device());
 }
 
+// diag: the (N,) float32 base-2 diagonal logits t_ii = scale log2(e) <a_i, b_i> on the features' device.
+void check_diag(const char* op, const Tensor& diag, const Tensor& like) {
+  TORCH_CHECK(diag.dim() == 1 && diag.size(0) == like.size(0) && diag.scalar_type() == at::kFloat, "fastclip::", op,
+              ": diag must be (", like.size(0), ") float32, the base-2 diagonal logits; got ", shape_of(diag));
+  TORCH_CHECK(diag.device() == like.device(), "fastclip::", op, ": diag is on ", diag.device(),
+              " but the features are on ", like.device());
+}
+
 void check_stats(const char* op, const char* name, const Tensor& stats, int64_t n, const Tensor& like) {
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == n && stats.scalar_type() == at::kFloat,
               "fastclip::", op, ": ", name, " must be (2, ", n, ") float32 as contrastive_stats_cuda returns it; got ",
@@ -77,25 +85,31 @@ void check_stats(const char* op, const char* name, const Tensor& stats, int64_t 
               ". On the CPU use backend='torch' (or 'triton' through TRITON_INTERPRET=1).");
 }
 
-std::tuple<Tensor, Tensor> contrastive_stats_cpu(const Tensor& image, const Tensor& text, const Tensor& scale) {
+std::tuple<Tensor, Tensor> contrastive_stats_cpu(const Tensor& image, const Tensor& text, const Tensor& scale,
+                                                 const Tensor& diag) {
   check_contrastive_features("contrastive_stats_cuda", image, text, scale);
+  check_diag("contrastive_stats_cuda", diag, image);
   refuse_cpu("contrastive_stats_cuda", image);
 }
 
-Tensor contrastive_grad_cpu(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& a_stats,
-                            const Tensor& b_stats, double, double) {
+Tensor contrastive_grad_cpu(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& diag,
+                            const Tensor& a_stats, const Tensor& b_stats, double, double) {
   check_contrastive_features("contrastive_grad_cuda", a, b, scale);
+  check_diag("contrastive_grad_cuda", diag, a);
   check_stats("contrastive_grad_cuda", "a_stats", a_stats, a.size(0), a);
   check_stats("contrastive_grad_cuda", "b_stats", b_stats, a.size(0), a);
   refuse_cpu("contrastive_grad_cuda", a);
 }
 
 // Returns (row_stats, col_stats), each (2, N) float32 in base 2: [0] = max_j t_ij, [1] = log2 sum_j 2^(t_ij - max)
-// with t = scale * log2(e) * image @ text^T; the natural log-sum-exp is ln(2) * (stats[0] + stats[1]).
+// with t = scale * log2(e) * image @ text^T and t_ii = diag[i]; the natural log-sum-exp is
+// ln(2) * (stats[0] + stats[1]). [1] is log1p(rest) / ln(2) from the kernels' rest = sum - 1, exact to rounding
+// for a confident row's tiny rest.
 std::tuple<Tensor, Tensor> contrastive_stats_cuda(const Tensor& image_in, const Tensor& text_in,
-                                                  const Tensor& scale) {
+                                                  const Tensor& scale, const Tensor& diag_in) {
   const char* op = "contrastive_stats_cuda";
   check_contrastive_features(op, image_in, text_in, scale);
+  check_diag(op, diag_in, image_in);
   TORCH_CHECK(image_in.is_cuda(), "fastclip::", op, ": expected CUDA tensors; got image ", shape_of(image_in));
   c10::cuda::CUDAGuard guard(image_in.device());
   Tensor image = kernel_ready(image_in), text = kernel_ready(text_in);
@@ -103,10 +117,11 @@ std::tuple<Tensor, Tensor> contrastive_stats_cuda(const Tensor& image_in, const 
   TORCH_CHECK(n <= (int64_t(1) << 30), "fastclip::", op, ": batch ", n, " is too large");
   auto f32 = image.options().dtype(at::kFloat);
   Tensor row = at::empty({2, n}, f32);
-  // (max, sum) packed per column, initialised to (-inf, 0): the kernel merges into it with 64-bit atomics
+  // (max, rest) packed per column, initialised to the empty (-inf, -1): the kernel merges into it with 64-bit atomics
   Tensor col_packed = at::empty({n, 2}, f32);
   col_packed.select(1, 0).fill_(-std::numeric_limits<float>::infinity());
-  col_packed.select(1, 1).zero_();
+  col_packed.select(1, 1).fill_(-1.0);
+  Tensor diag = diag_in.contiguous();
   ContrastiveFwdParams p{};
   p.image = static_cast<const uint16_t*>(image.data_ptr());
   p.text = static_cast<const uint16_t*>(text.data_ptr());
@@ -116,30 +131,34 @@ std::tuple<Tensor, Tensor> contrastive_stats_cuda(const Tensor& image_in, const 
   p.d = static_cast<int>(d);
   Tensor scale_f = scale.reshape({1}).contiguous();
   p.scale = scale_f.data_ptr<float>();
+  p.diag = diag.data_ptr<float>();
   p.row_max = row.data_ptr<float>();
-  p.row_sum = row.data_ptr<float>() + n;
+  p.row_rest = row.data_ptr<float>() + n;
   p.col_packed = reinterpret_cast<unsigned long long*>(col_packed.data_ptr<float>());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(image.scalar_type() == at::kHalf ? contrastive_fwd_fp16(p, stream) : contrastive_fwd_bf16(p, stream),
                op);
-  row[1].log2_();
+  constexpr double kLog2e = 1.4426950408889634;
+  row[1].log1p_().mul_(kLog2e);
   Tensor col = col_packed.t().contiguous();
-  col[1].log2_();
+  col[1].log1p_().mul_(kLog2e);
   return {row, col};
 }
 
 // grad_a[i] = sum_j ds_ij b_j with ds_ij = 2^(t_ij - lse2_a[i]) + 2^(t_ij - lse2_b[j]) - diag_coef [i == j] -
 // uniform_coef, fp32 (N, D). Image gradient: (image, text, row_stats, col_stats); text: (text, image, col, row).
-Tensor contrastive_grad_cuda(const Tensor& a_in, const Tensor& b_in, const Tensor& scale, const Tensor& a_stats,
-                             const Tensor& b_stats, double diag_coef, double uniform_coef) {
+Tensor contrastive_grad_cuda(const Tensor& a_in, const Tensor& b_in, const Tensor& scale, const Tensor& diag_in,
+                             const Tensor& a_stats, const Tensor& b_stats, double diag_coef, double uniform_coef) {
   const char* op = "contrastive_grad_cuda";
   check_contrastive_features(op, a_in, b_in, scale);
+  check_diag(op, diag_in, a_in);
   check_stats(op, "a_stats", a_stats, a_in.size(0), a_in);
   check_stats(op, "b_stats", b_stats, a_in.size(0), a_in);
   TORCH_CHECK(a_in.is_cuda(), "fastclip::", op, ": expected CUDA tensors; got a ", shape_of(a_in));
   c10::cuda::CUDAGuard guard(a_in.device());
   Tensor a = kernel_ready(a_in), b = kernel_ready(b_in);
   Tensor as = a_stats.contiguous(), bs = b_stats.contiguous(), scale_f = scale.reshape({1}).contiguous();
+  Tensor diag = diag_in.contiguous();
   Tensor grad = at::empty({a.size(0), a.size(1)}, a.options().dtype(at::kFloat));
   ContrastiveBwdParams p{};
   p.a = static_cast<const uint16_t*>(a.data_ptr());
@@ -149,6 +168,7 @@ Tensor contrastive_grad_cuda(const Tensor& a_in, const Tensor& b_in, const Tenso
   p.n = static_cast<int>(a.size(0));
   p.d = static_cast<int>(a.size(1));
   p.scale = scale_f.data_ptr<float>();
+  p.diag = diag.data_ptr<float>();
   p.a_stats = as.data_ptr<float>();
   p.b_stats = bs.data_ptr<float>();
   p.diag_coef = static_cast<float>(diag_coef);
@@ -299,9 +319,9 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_in, co
 }  // namespace fastclip
 
 TORCH_LIBRARY(fastclip, m) {
-  m.def("contrastive_stats_cuda(Tensor image, Tensor text, Tensor scale) -> (Tensor, Tensor)");
-  m.def("contrastive_grad_cuda(Tensor a, Tensor b, Tensor scale, Tensor a_stats, Tensor b_stats, float diag_coef, "
-        "float uniform_coef) -> Tensor");
+  m.def("contrastive_stats_cuda(Tensor image, Tensor text, Tensor scale, Tensor diag) -> (Tensor, Tensor)");
+  m.def("contrastive_grad_cuda(Tensor a, Tensor b, Tensor scale, Tensor diag, Tensor a_stats, Tensor b_stats, "
+        "float diag_coef, float uniform_coef) -> Tensor");
   m.def("flash_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
         "float softmax_scale) -> (Tensor, Tensor)");
   m.def("flash_attn_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

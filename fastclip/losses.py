@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastclip import functional as F
-from fastclip._checks import amp_cast, amp_loss_dtype, autocast_dtype
+from fastclip._checks import amp_cast, amp_loss_dtype, autocast_dtype, check_chunk_size
 
 
 def _autocast_once(loss_in_fp32: bool):
@@ -37,8 +37,9 @@ class _PairLoss(nn.Module):
     def __init__(self, cache_labels: bool, rank: int, world_size: int, dist_impl: Optional[str], backend: str,
                  chunk_size: Optional[int], group):
         super().__init__()
-        if world_size < 1 or not 0 <= rank < world_size:
+        if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        check_chunk_size(chunk_size)
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
@@ -168,9 +169,6 @@ class SigLIPLoss(_PairLoss):
         super().__init__(cache_labels, rank, world_size, dist_impl or "bidir", backend, chunk_size, group)
         if self.dist_impl not in self.DIST_IMPLS:
             raise ValueError(f"dist_impl={dist_impl!r}: expected one of {self.DIST_IMPLS}")
-        from fastclip._checks import check_chunk_size
-
-        check_chunk_size(chunk_size)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):

@@ -114,8 +114,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         it NaN, so with autograd off such masks go to torch.
     Mask values (float masks; bool padding with autograd off) are read once per mask tensor (a device sync), then
     remembered while that tensor lives unmodified: a tower that passes one mask to every layer syncs once per
-    forward. Under ``torch.compile`` values are not read: pass ``is_causal=True`` with the causal mask and a bool
-    ``key_padding_mask`` to stay fused.
+    forward. Under ``torch.compile`` values are not read: to stay fused pass ``is_causal=True`` (with the causal
+    ``attn_mask`` or, with a ``key_padding_mask``, none: torch reads the mask's values when there is padding) and a
+    bool ``key_padding_mask``.
 
     Beyond torch: ``is_causal=True`` without ``attn_mask`` means causal attention (torch raises). Earlier
     versions of this class defaulted to ``batch_first=True`` and ``need_weights=False`` and made ``key``/``value``
@@ -142,11 +143,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         holds them keeps working), configuration and train/eval mode. No random numbers are drawn."""
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"from_torch expects a torch.nn.MultiheadAttention, got {type(module).__name__}")
-        weight = module.in_proj_weight if module._qkv_same_embed_dim else module.q_proj_weight
+        # built on "meta" (no memory, no random draws), then handed module's own parameters: their dtype and device
         new = cls(module.embed_dim, module.num_heads, module.dropout, bias=module.in_proj_bias is not None,
                   add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn, kdim=module.kdim,
-                  vdim=module.vdim, batch_first=module.batch_first, device="meta", dtype=weight.dtype,
-                  backend=backend)
+                  vdim=module.vdim, batch_first=module.batch_first, device="meta", backend=backend)
         new.load_state_dict(module.state_dict(keep_vars=True), strict=True, assign=True)
         return new.train(module.training)
 

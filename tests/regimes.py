@@ -71,6 +71,19 @@ def attention_spec(q, k, v, causal: bool, key_padding_mask: Optional[torch.Tenso
     return torch.einsum("bhij,bjhd->bihd", p, v)
 
 
+def peaked_attention_inputs(b: int, s: int, h: int, d: int, peak: float, dtype=torch.float32):
+    """Near one-hot self-attention: q, k, v (B, S, H, D) leaves requiring grad, S <= D. The keys of a head are
+    orthogonal with |k_j| = sqrt(D), and q_i = peak k_i / sqrt(D) + N(0, 0.5^2), so at softmax_scale 1/sqrt(D) query i
+    scores its own key at ``peak`` and the others at ~N(0, 0.5^2): 1 - p_ii ~ S e^-peak (peak 8: ~1e-2; 12: ~3e-4,
+    fp16's rounding of 1; 24: ~1e-9). There dS = P (dP - delta) cancels and delta must agree with dP."""
+    assert s <= d
+    keys = torch.linalg.qr(torch.randn(b, h, d, s, dtype=torch.float64)).Q  # (B, H, D, S), orthonormal columns
+    k = keys.permute(0, 3, 1, 2) * math.sqrt(d)  # (B, S, H, D)
+    q = k * (peak / math.sqrt(d)) + 0.5 * torch.randn(b, s, h, d, dtype=torch.float64)
+    v = torch.randn(b, s, h, d, dtype=torch.float64)
+    return tuple(t.to(dtype).requires_grad_() for t in (q, k, v))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # losses
 

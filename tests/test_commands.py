@@ -209,3 +209,21 @@ def test_run_folder(setup, tmp_path, capsys, monkeypatch):
         main(["classify", path, "--labels", "a", "--pretrained", ckpt])
     with pytest.raises(SystemExit, match="no config.json"):
         main(["classify", path, "--labels", "a", "--run", str(tmp_path)])
+
+
+def test_run_folder_of_fastclip_train(setup, tmp_path, capsys):
+    """The folder ``fastclip train`` writes: the model name under config.json's "options", a tiny model reading
+    20 tokens (the commands tokenize to the model's context length, not CLIP's 77)."""
+    from fastclip.train.models import build_model
+
+    root, images, _ = setup
+    model = build_model("tiny")
+    assert model.context_length < 77
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"options": {"model": "tiny", "loss": "clip"}, "world_size": 1}))
+    torch.save({"model": model.state_dict(), "step": 1}, run / "checkpoints" / "last.pt")
+    path = images["red_circle"][0]
+    assert main(["classify", path, "--labels", "red circle,blue square", "--run", str(run), "--json"]) == 0
+    probs = json.loads(capsys.readouterr().out)
+    assert len(probs) == 1 and "red circle" in json.dumps(probs)

@@ -87,6 +87,68 @@ def test_output_dict_and_module_args():
         fastclip.ContrastiveLoss(rank=2, world_size=2)
 
 
+@pytest.mark.parametrize("args,kwargs", [((), {}), ((True, True, True, 1, 2, False), {}),
+                                         ((), {"local_loss": True, "rank": 2, "world_size": 3})])
+def test_module_holds_what_clip_loss_holds(args, kwargs):
+    # open_clip_train builds ClipLoss positionally and by keyword: the same arguments mean the same, defaults included
+    ours, theirs = fastclip.ContrastiveLoss(*args, **kwargs), open_clip_loss.ClipLoss(*args, **kwargs)
+    for name in ("local_loss", "gather_with_grad", "cache_labels", "rank", "world_size"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    group = object()
+    assert fastclip.ContrastiveLoss(group=group).group is group
+
+
+def test_module_passes_its_arguments(monkeypatch):
+    # label_smoothing, backend and chunk_size reach the loss: the module is the function with its arguments (no
+    # bias: label smoothing's mean logit then has none either)
+    leaves = make_inputs(23, 8, scale=20.0)
+    ref_loss, ref_grads = loss_and_grads(lambda *x: reference.contrastive_loss_ref(*x, label_smoothing=0.1),
+                                         upcast(leaves))
+    loss, grads = loss_and_grads(fastclip.ContrastiveLoss(label_smoothing=0.1), leaves)
+    assert_close("loss", loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(name, g, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(BackendError, match="triton.*dtype float64 is not supported"):
+        fastclip.ContrastiveLoss(backend="triton")(*leaves)
+    # chunk_size reaches the torch backend (it bounds memory, so the values cannot show it: count the chunks)
+    from fastclip.ops.contrastive import pytorch
+
+    chunks, logits = [], pytorch._logits
+    monkeypatch.setattr(pytorch, "_logits", lambda a, *args: chunks.append(a.shape[0]) or logits(a, *args))
+    fastclip.ContrastiveLoss(backend="torch", chunk_size=10)(*leaves).backward()
+    assert chunks == [10, 10, 3] * 2  # forward, backward
+
+
+def test_module_refuses_bad_arguments():
+    # each message in full: it names the argument and what to do
+    cases = [
+        ({"rank": 2, "world_size": 2}, "need 0 <= rank < world_size, got rank=2, world_size=2"),
+        ({"rank": -1, "world_size": 2}, "need 0 <= rank < world_size, got rank=-1, world_size=2"),
+        ({"rank": 0, "world_size": 0}, "need 0 <= rank < world_size, got rank=0, world_size=0"),
+        ({"chunk_size": 0}, "chunk_size must be a positive integer or None, got 0"),
+        ({"use_horovod": True}, "use_horovod=True: fastclip's losses communicate through torch.distributed only; "
+                                "launch with torchrun (open_clip_train without --horovod)"),
+        ({"dist_impl": "allgather"}, "dist_impl='allgather': expected None (open_clip's all_gather) or 'ring'"),
+        ({"dist_impl": "ring", "local_loss": True},
+         "dist_impl='ring' computes the global loss (local_loss=False); its gradients under DDP equal "
+         "local_loss=True, gather_with_grad=True's. Set local_loss=False"),
+        ({"dist_impl": "ring", "label_smoothing": 0.1}, "label_smoothing is not supported with dist_impl='ring'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            fastclip.ContrastiveLoss(**kwargs)
+    for dist_impl in (None, "gather", "ring"):
+        assert fastclip.ContrastiveLoss(dist_impl=dist_impl).dist_impl == dist_impl
+
+
+def test_module_repr():
+    assert repr(fastclip.ContrastiveLoss()) == ("ContrastiveLoss(local_loss=False, gather_with_grad=False, rank=0, "
+                                                "world_size=1, backend='auto', label_smoothing=0.0)")
+    assert repr(fastclip.ContrastiveLoss(True, True, rank=1, world_size=2, backend="torch", dist_impl="gather")) == (
+        "ContrastiveLoss(local_loss=True, gather_with_grad=True, rank=1, world_size=2, backend='torch', "
+        "label_smoothing=0.0, dist_impl='gather')")
+
+
 def test_python_number_scale():
     img, txt, scale = make_inputs(11, 7)
     a = fastclip.contrastive_loss(img, txt, 14.3)
@@ -123,6 +185,84 @@ def test_torch_chunk_sizes(chunk):
     assert_close("loss", loss, ref_loss, rtol=1e-12, atol=1e-12)
     for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
         assert_close(name, g, r, rtol=1e-10, atol=1e-13)
+
+
+def test_torch_backend_chunks(monkeypatch):
+    """The torch backend works on row chunks, forward and backward alike: chunk_size rows (the last one the rest),
+    or by default as many rows as keep a chunk x N tile within DEFAULT_TILE_ELEMENTS, and at least one."""
+    from fastclip.ops.contrastive import pytorch
+
+    chunks, logits = [], pytorch._logits
+    monkeypatch.setattr(pytorch, "_logits", lambda a, *args: chunks.append(a.shape[0]) or logits(a, *args))
+    leaves = make_inputs(23, 8, scale=30.0)
+    ref_loss, ref_grads = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves))
+    for chunk_size, tile, expected in [(1, 1 << 22, [1] * 23), (10, 1 << 22, [10, 10, 3]), (None, 1 << 22, [23]),
+                                       (None, 100, [4] * 5 + [3]), (None, 10, [1] * 23)]:
+        monkeypatch.setattr(pytorch, "DEFAULT_TILE_ELEMENTS", tile)
+        chunks.clear()
+        loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, backend="torch", chunk_size=chunk_size),
+                                     leaves)
+        assert chunks == expected * 2, (chunk_size, tile)
+        assert_close("loss", loss, ref_loss, rtol=1e-12, atol=1e-12)
+        for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+            assert_close(name, g, r, rtol=1e-10, atol=1e-13)
+
+
+def test_rowdot_in_chunks():
+    # the rows' dot products in chunks (the distributed modes' diagonal), chunks that do not divide N included
+    from fastclip.ops.contrastive.pytorch import _rowdot
+
+    a, b = torch.randn(11, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
+    for chunk in (1, 4, 11, 20):
+        assert_close("rowdot", _rowdot(a, b, chunk), (a * b).sum(dim=1), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("backend,dtype,scalar_dtype", [("torch", torch.bfloat16, torch.float32),
+                                                        ("torch", torch.float32, torch.float64),
+                                                        ("triton", torch.float16, torch.float32)])
+def test_ops_outputs_have_their_fakes_dtypes(backend, dtype, scalar_dtype):
+    # what torch.compile traces with (the fake implementations) is what runs: the accumulation dtype for the loss and
+    # statistics, the features' and the scale's dtypes for the gradients, also with half features and fp32 scalars
+    # (autocast's inputs) and fp32 features with fp64 scalars, label smoothing on
+    img, txt = [t.detach() for t in make_inputs(19, 16, dtype)[:2]]
+    scale, bias = torch.tensor(5.0, dtype=scalar_dtype), torch.tensor(0.25, dtype=scalar_dtype)
+    fwd = (img, txt, scale, bias, 0.1, backend, 0)
+    torch.library.opcheck(torch.ops.fastclip.contrastive_loss_fwd.default, fwd, test_utils="test_faketensor")
+    loss, row, col = torch.ops.fastclip.contrastive_loss_fwd(*fwd)
+    torch.library.opcheck(torch.ops.fastclip.contrastive_loss_bwd.default,
+                          (torch.ones_like(loss), img, txt, scale, bias, row, col, 0.1, backend, 0),
+                          test_utils="test_faketensor")
+
+
+def test_torch_backend_on_the_features_device_and_dtype():
+    # every buffer is made on the features' device (meta here: any other device than the CPU would do) and in the
+    # accumulation dtype, whatever torch's default dtype
+    from fastclip.ops.contrastive import pytorch
+
+    img, txt = torch.randn(7, 4, device="meta"), torch.randn(7, 4, device="meta")
+    scale, bias = torch.tensor(3.0, device="meta"), torch.tensor(1.0, device="meta")
+    loss, row, col = pytorch.contrastive_fwd(img, txt, scale, bias, 0.1, 3)
+    grads = pytorch.contrastive_bwd(torch.ones((), device="meta"), img, txt, scale, bias, row, col, 0.1, 3)
+    assert all(t.device.type == "meta" for t in (loss, row, col, *grads))
+    leaves = make_inputs(9, 8, torch.float32, scale=10.0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        loss, grads = loss_and_grads(lambda *x: fastclip.contrastive_loss(*x, backend="torch", chunk_size=4), leaves)
+        _, row, col = torch.ops.fastclip.contrastive_loss_fwd(*[t.detach() for t in leaves], None, 0.0, "torch", 4)
+    finally:
+        torch.set_default_dtype(default)
+    assert loss.dtype == row.dtype == col.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    ref_loss, ref_grads = loss_and_grads(reference.contrastive_loss_ref, upcast(leaves))
+    assert_close("loss", loss, ref_loss, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_partials_on_the_partials_device():
+    # the merge builds its index on the partials' device (meta here; CUDA after the Triton kernels on a GPU)
+    from fastclip.ops.contrastive.pytorch import merge_partials
+
+    m, rest = merge_partials(torch.randn(3, 5, device="meta"), torch.rand(3, 5, device="meta"))
+    assert m.device.type == rest.device.type == "meta" and m.shape == rest.shape == (5,)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ if not cuda_backend.built():
     pytest.skip(f"{cuda_backend.unavailable_reason()}", allow_module_level=True)
 
 OPS = {
-    "contrastive_stats_cuda": "contrastive_stats_cuda(Tensor image, Tensor text, Tensor scale) -> (Tensor, Tensor)",
-    "contrastive_grad_cuda": "contrastive_grad_cuda(Tensor a, Tensor b, Tensor scale, Tensor a_stats, "
+    "contrastive_stats_cuda": "contrastive_stats_cuda(Tensor image, Tensor text, Tensor scale, Tensor diag) "
+                              "-> (Tensor, Tensor)",
+    "contrastive_grad_cuda": "contrastive_grad_cuda(Tensor a, Tensor b, Tensor scale, Tensor diag, Tensor a_stats, "
                              "Tensor b_stats, float diag_coef, float uniform_coef) -> Tensor",
     "flash_attn_fwd_cuda": "flash_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
                            "float softmax_scale) -> (Tensor, Tensor)",
@@ -42,10 +43,10 @@ def test_cpu_tensors_get_a_clear_error():
     img, txt, s = _feats()
     with pytest.raises(RuntimeError, match=r"contrastive_stats_cuda: the CUDA kernels need CUDA tensors; "
                                            r"got \[10, 64\] BFloat16 on cpu.*backend='torch'"):
-        torch.ops.fastclip.contrastive_stats_cuda(img, txt, s)
+        torch.ops.fastclip.contrastive_stats_cuda(img, txt, s, torch.zeros(10))
     stats = torch.zeros(2, 10)
     with pytest.raises(RuntimeError, match="contrastive_grad_cuda: the CUDA kernels need CUDA tensors"):
-        torch.ops.fastclip.contrastive_grad_cuda(img, txt, s, stats, stats, 2.0, 0.0)
+        torch.ops.fastclip.contrastive_grad_cuda(img, txt, s, torch.zeros(10), stats, stats, 2.0, 0.0)
     q = torch.randn(2, 7, 3, 32, dtype=torch.float16)
     with pytest.raises(RuntimeError, match=r"flash_attn_fwd_cuda: the CUDA kernels need CUDA tensors; "
                                            r"got \[2, 7, 3, 32\] Half on cpu"):
@@ -65,13 +66,19 @@ def test_contrastive_argument_checks(case, match):
     if "text_n" in case:
         txt = txt[:case["text_n"]]
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fastclip.contrastive_stats_cuda(img, txt, case.get("scale", s))
+        torch.ops.fastclip.contrastive_stats_cuda(img, txt, case.get("scale", s), torch.zeros(len(img)))
 
 
-def test_contrastive_grad_checks_the_stats():
+def test_contrastive_grad_checks_the_stats_and_diag():
     img, txt, s = _feats()
+    diag, stats = torch.zeros(10), torch.zeros(2, 10)
     with pytest.raises(RuntimeError, match=r"a_stats must be \(2, 10\) float32 .*got \[10\]"):
-        torch.ops.fastclip.contrastive_grad_cuda(img, txt, s, torch.zeros(10), torch.zeros(2, 10), 2.0, 0.0)
+        torch.ops.fastclip.contrastive_grad_cuda(img, txt, s, diag, torch.zeros(10), stats, 2.0, 0.0)
+    for op, args in (("contrastive_stats_cuda", ()), ("contrastive_grad_cuda", (stats, stats, 2.0, 0.0))):
+        with pytest.raises(RuntimeError, match=r"diag must be \(10\) float32, the base-2 diagonal logits; got \[9\]"):
+            getattr(torch.ops.fastclip, op)(img, txt, s, torch.zeros(9), *args)
+        with pytest.raises(RuntimeError, match=r"diag must be \(10\) float32.*got \[10\] Half"):
+            getattr(torch.ops.fastclip, op)(img, txt, s, diag.half(), *args)
 
 
 @pytest.mark.parametrize("shape,match", [
@@ -96,9 +103,10 @@ def test_attention_mask_and_dtype_checks():
 def test_fake_implementations_give_shapes():
     with torch._subclasses.FakeTensorMode():
         img, txt = torch.empty(100, 512, dtype=torch.bfloat16), torch.empty(100, 512, dtype=torch.bfloat16)
-        row, col = torch.ops.fastclip.contrastive_stats_cuda(img, txt, torch.ones(1))
+        diag = torch.empty(100)
+        row, col = torch.ops.fastclip.contrastive_stats_cuda(img, txt, torch.ones(1), diag)
         assert row.shape == col.shape == (2, 100) and row.dtype == torch.float32
-        g = torch.ops.fastclip.contrastive_grad_cuda(img, txt, torch.ones(1), row, col, 2.0, 0.0)
+        g = torch.ops.fastclip.contrastive_grad_cuda(img, txt, torch.ones(1), diag, row, col, 2.0, 0.0)
         assert g.shape == (100, 512) and g.dtype == torch.float32
         q = torch.empty(2, 77, 8, 64, dtype=torch.float16)
         out, lse = torch.ops.fastclip.flash_attn_fwd_cuda(q, q, q, None, True, 0.125)

@@ -43,9 +43,10 @@ def test_contrastive_strided_features():
 def test_contrastive_opcheck():
     img, txt, scale = make_inputs(130, 64, torch.bfloat16, scale=10.0, device="cuda")
     img, txt, s32 = img.detach(), txt.detach(), scale.detach().reshape(1).float()
-    torch.library.opcheck(torch.ops.fastclip.contrastive_stats_cuda.default, (img, txt, s32))
-    row, col = torch.ops.fastclip.contrastive_stats_cuda(img, txt, s32)
-    torch.library.opcheck(torch.ops.fastclip.contrastive_grad_cuda.default, (img, txt, s32, row, col, 2.0, 0.0))
+    diag = s32 * 1.4426950408889634 * (img.float() * txt.float()).sum(1)
+    torch.library.opcheck(torch.ops.fastclip.contrastive_stats_cuda.default, (img, txt, s32, diag))
+    row, col = torch.ops.fastclip.contrastive_stats_cuda(img, txt, s32, diag)
+    torch.library.opcheck(torch.ops.fastclip.contrastive_grad_cuda.default, (img, txt, s32, diag, row, col, 2.0, 0.0))
 
 
 def test_contrastive_compile_fullgraph():

@@ -242,6 +242,27 @@ for _mode, _pair in [("clip_gather", lambda r, w: _clip_pair(r, w)),
         _compare_runs(ours, ref, rtol=3e-2, atol=3e-3)
 
 
+@check("ring_python_scalars")
+def _(rank, world):
+    # logit_scale or logit_bias a Python number (a float32 0-d tensor inside) with fp64 features and the other
+    # scalar: no fp64 gradient is rounded through the float32 one's dtype
+    for scale, bias in [(8.0, None), (None, -1.25)]:
+        glob = _global_inputs(world, bias=-1.25 if scale else None, scale=8.0)
+        img, txt, s, b = _local_leaves(glob, rank)
+
+        def call(fn, i, t, x):  # x: the scalar given as a tensor
+            return fn(i, t, scale, x) if scale else fn(i, t, x, bias)
+
+        for fn, parts, expect in [
+                (_siglip_pair(rank, world, "ring", backend="torch")[0], _siglip,
+                 dict(loss_everywhere=False, feature_factor=world)),
+                (_clip_pair(rank, world, gather_with_grad=True, dist_impl="ring", backend="torch")[0], _clip_halves,
+                 dict(loss_everywhere=True, feature_factor=world))]:
+            ours = _run(lambda i, t, x: call(fn, i, t, x), [img, txt, b if scale else s])
+            ref_glob = [glob[0], glob[1], glob[3] if scale else glob[2], None]
+            _check_single_process(ours, ref_glob, rank, world, lambda i, t, x, _: call(parts, i, t, x), **expect)
+
+
 @check("ring_no_grad")
 def _(rank, world):
     glob = _global_inputs(world, bias=-1.5, scale=7.0)
@@ -330,6 +351,25 @@ def _(rank, world):
                                   rtol=world * 2 ** -8, atol=1e-6, **expect)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
+
+
+def _siglip_bidir_subgroup(rank, world):
+    # 3 of 4 ranks: the first subgroup where 'bidir' makes a two-way exchange, with group ranks not the global ones
+    import fastclip
+
+    members = [1, 2, 3]
+    group = dist.new_group(members)
+    if rank not in members:
+        return
+    sub_rank, sub_world = members.index(rank), len(members)
+    glob = _global_inputs(sub_world, bias=-2.0, scale=12.0)
+    loss_fn = fastclip.SigLIPLoss(rank=sub_rank, world_size=sub_world, dist_impl="bidir", group=group, backend="torch")
+    _check_single_process(_run(loss_fn, _local_leaves(glob, sub_rank)), glob, sub_rank, sub_world, _siglip,
+                          group=group, loss_everywhere=False, feature_factor=sub_world)
+
+
+def test_siglip_bidir_on_a_subgroup():
+    run_ranks(4, _siglip_bidir_subgroup)
 
 
 def _raises_exactly(exc, message, fn, *args, **kwargs):

@@ -188,6 +188,55 @@ def test_upstream_gradient_and_retain_graph(backend):
         assert_close(name, a, r, rtol=2e-5, atol=1e-6)
 
 
+def test_torch_backend_chunks(monkeypatch):
+    """Row chunks of the torch backend, in the forward and in the text gradient the backward may ask for: chunk_size
+    rows, or by default as many as keep a chunk x M tile within DEFAULT_TILE_ELEMENTS (M: the texts), at least one."""
+    from fastclip.ops.siglip import pytorch
+
+    chunks, softplus = [], pytorch._softplus_
+    monkeypatch.setattr(pytorch, "_softplus_",
+                        lambda x: (chunks.append(x.shape[0]) if x.dim() == 2 else None) or softplus(x))
+    img, txt, scale, bias = [t.detach() for t in siglip_inputs(23, 8)]
+    for m, chunk_size, tile, expected in [(23, 10, 1 << 22, [10, 10, 3]), (23, None, 1 << 22, [23]),
+                                          (23, None, 100, [4] * 5 + [3]), (23, None, 10, [1] * 23),
+                                          (1, None, 10, [10, 10, 3])]:
+        monkeypatch.setattr(pytorch, "DEFAULT_TILE_ELEMENTS", tile)
+        chunks.clear()
+        pytorch.siglip_fwd(img, txt[:m], scale, bias, m != 23, True, chunk_size)
+        pytorch.siglip_bwd_text(torch.tensor(1.0, dtype=img.dtype), img, txt[:m], scale, bias, m != 23, chunk_size)
+        assert chunks == expected * 2, (m, chunk_size, tile)
+
+
+def test_torch_backend_on_the_features_device():
+    # every buffer is made on the features' device (meta here: any other device than the CPU would do), and no
+    # gradient buffer at all when no gradient is wanted
+    from fastclip.ops.siglip import pytorch
+
+    img, txt = torch.randn(7, 4, device="meta"), torch.randn(5, 4, device="meta")
+    scale, bias = torch.tensor(3.0, device="meta"), torch.tensor(1.0, device="meta")
+    for negative_only in (False, True):
+        out = pytorch.siglip_fwd(img, txt, scale, bias, negative_only, True, 3)
+        assert all(t.device.type == "meta" for t in out)
+        loss, d_img, d_txt, _, _ = pytorch.siglip_fwd(img, txt, scale, bias, negative_only, False, 3)
+        assert loss.device.type == "meta" and d_img is None and d_txt is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("negative_only", [False, True])
+def test_backward_makes_a_deferred_text_gradient(backend, negative_only):
+    # a forward may leave dT to the backward (a (0, D) placeholder, as Triton's does): the backward op then has the
+    # backend make dT for the upstream gradient g, with the forward's negative_only and chunks; every backend can
+    img, txt, scale, bias = [t.detach() for t in siglip_inputs(13, 8, torch.float32, scale=5.0, bias=-2.0)]
+    hi = upcast([img, txt, scale, bias])
+    ref = torch.autograd.grad(-2.5 * reference.siglip_loss_ref(*hi, negative_only=negative_only), hi)
+    _, d_img, _, d_s, d_b = torch.ops.fastclip.siglip_loss_fwd(img, txt, scale, bias, negative_only, True, backend, 4)
+    grads = torch.ops.fastclip.siglip_loss_bwd(torch.tensor(-2.5), img, txt, scale, bias, d_img, txt.new_empty((0, 8)),
+                                               d_s, d_b, negative_only, backend, 4)
+    for name, g, r in zip(GRAD_NAMES, grads, ref):
+        assert g.dtype == torch.float32
+        assert_close(name, g, r, rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_grad_forward(backend):
     leaves = siglip_inputs(19, 8, torch.float32, scale=12.0, bias=-6.0)
@@ -219,6 +268,33 @@ def test_output_dict_and_module_args():
     assert fastclip.SigLIPLoss().dist_impl == "bidir"
     with pytest.raises(ValueError, match="local_loss=False"):
         fastclip.ContrastiveLoss(local_loss=True, dist_impl="ring")
+
+
+@pytest.mark.parametrize("args,kwargs", [((), {}), ((True, 1, 2, "shift"), {}),
+                                         ((), {"rank": 2, "world_size": 3, "dist_impl": "gather"})])
+def test_module_holds_what_siglip_loss_holds(args, kwargs):
+    # open_clip_train builds SigLipLoss(rank=, world_size=, dist_impl=): the same arguments mean the same, defaults
+    # included (dist_impl None is 'bidir')
+    ours, theirs = fastclip.SigLIPLoss(*args, **kwargs), open_clip_loss.SigLipLoss(*args, **kwargs)
+    for name in ("cache_labels", "rank", "world_size", "dist_impl"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    group = object()
+    assert fastclip.SigLIPLoss(group=group).group is group
+
+
+def test_module_passes_its_arguments(monkeypatch):
+    # backend and chunk_size reach the loss (chunk_size bounds memory, so the values cannot show it: count chunks)
+    from fastclip.ops.siglip import pytorch
+
+    leaves = siglip_inputs(23, 8)
+    with pytest.raises(BackendError, match="triton.*dtype float64 is not supported"):
+        fastclip.SigLIPLoss(backend="triton")(*leaves)
+    chunks, siglip_fwd = [], pytorch.siglip_fwd
+    monkeypatch.setattr(pytorch, "siglip_fwd", lambda *args: chunks.append(args[-1]) or siglip_fwd(*args))
+    fastclip.SigLIPLoss(backend="torch", chunk_size=10)(*leaves)
+    assert chunks == [10]
+    with pytest.raises(ValueError, match=r"^chunk_size must be a positive integer or None, got 0$"):
+        fastclip.SigLIPLoss(chunk_size=0)
 
 
 def test_python_number_scale_and_bias():

@@ -142,6 +142,25 @@ def test_torch_tiles_merge_exactly():
         assert torch.equal(i, ref_i) and torch.equal(v, ref_v)
 
 
+@pytest.mark.parametrize("k,block_q,block_g", [(1, 64, 64), (3, 50, 192), (3, 64, 500), (2, 64, 1024)])
+def test_torch_late_tiles_merge_exactly(k, block_q, block_g):
+    """Many gallery tiles with ties everywhere, and NaN and inf that only late tiles hold."""
+    from fastclip.ops.topk import pytorch
+
+    q = _integer_features(64, 3, -1, 2)
+    g = _integer_features(3000, 3, -1, 2)
+    q[5] = float("nan")
+    g[[2100, 1337]] = float("nan")  # every query's first entries, found in a late tile
+    g[2500, 0], g[2600, 1] = float("inf"), float("-inf")
+    ref_v, ref_i = _ref(q, g, k)
+    v, i = pytorch.topk_similarity(q, g, k, block_q=block_q, block_g=block_g)
+    assert torch.equal(i, ref_i)
+    torch.testing.assert_close(v, ref_v, equal_nan=True, atol=0, rtol=0)
+    g[[2100, 1337]] = 0.0  # no NaN: ties decide everything
+    v, i = pytorch.topk_similarity(q[:4], g, k, block_q=block_q, block_g=block_g)
+    assert torch.equal(i, _ref(q[:4], g, k)[1])
+
+
 def test_memmap_gallery_fp16(tmp_path):
     import numpy as np
 

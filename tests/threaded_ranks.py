@@ -44,7 +44,7 @@ def _one_interpreted_kernel_at_a_time():
         InterpretedFunction.run = run
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 30.0) -> list:
+def run_ranks(world: int, fn, *args, timeout: float = 120.0) -> list:
     """``fn(rank, world, *args)`` on ranks 0 .. world-1, each in its own thread with a gloo default process group.
 
     Returns the ranks' results in rank order. Raises AssertionError with every failing rank's traceback; a rank

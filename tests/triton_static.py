@@ -18,6 +18,7 @@ unset before Triton is imported). By hand::
 
     python tests/triton_static.py                      # the typical launches, sm_90: one JSON line per kernel
     python tests/triton_static.py --all --arch 90 80   # every configuration over the input domain below
+    python tests/triton_static.py --all --arch 90 80 --op topk   # one op's launches only
     python tests/triton_static.py --all --arch 90 80 --notes benchmarks/NOTES.md   # rewrite NOTES.md's table
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from fastclip.ops.attention import triton as ATT  # noqa: E402
 from fastclip.ops.contrastive import triton as CON  # noqa: E402
 from fastclip.ops.siglip import triton as SIG  # noqa: E402
+from fastclip.ops.topk import triton as TOPK  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes of shared memory one block may use (opt-in maximum)
@@ -55,11 +57,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Expectations. A (kernel, check) pair listed here fails today for the reason given; the test fails both on any
 # other failure and when a listed pair passes for every configuration (then delete its line).
 EXPECTED_FAILURES = {
-    ("attention_bwd", "wgmma_tile"): "head dim 96 (64 + 32 columns) takes 32-row query tiles on sm_90: 64 rows spill "
-                                     "(16 B); 4 of its 5 dots are wgmma; issue 11 item 4",
-    ("attention_fwd", "pipelined"): "fp32 with head dim <= 64 runs with num_stages = 1 (no cp.async)",
-    ("attention_bwd", "pipelined"): "fp32 runs with num_stages = 1 at every head dim (no cp.async): its tiles "
-                                    "(16-32 rows) are sized to stay out of local memory; issue 11 item 4",
+    ("attention_bwd", "wgmma_tile"): "16-bit head dim 96 (64 + 32 columns) takes 32-row query tiles on sm_90, 4 of "
+                                     "its 5 dots on wgmma: 64 rows spill with 8 warps and 2 stages (255 registers + "
+                                     "16 B) and with 16 warps (224 B); with 8 warps and 1 stage they compile clean, "
+                                     "10 of 10 dots wgmma, but unpipelined (the pipelined check): a GPU must time "
+                                     "the two",
+    ("topk_similarity", "wgmma_tile"): "k > 128 takes 16-row tiles (HMMA): with 64 rows the running top-k spills "
+                                       "(570-620 B at k = 256)",
+    ("topk_similarity", "no_spills"): "8-16 B of local memory at a few k (sm_90 fp32 k 17-32; sm_80 bf16 k 17-32, "
+                                      "fp32 k 5-16); the 32-row tiles before spilled at more k; untuned",
 }
 
 
@@ -127,6 +133,10 @@ def launch_attention(batch, seq, heads, head_dim, dtype, causal=False, padding=F
     ATT.attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask, causal, scale)
 
 
+def launch_topk(nq, ng, d, k, dtype):
+    TOPK.topk_similarity(_feat(nq, d, dtype), _feat(ng, d, dtype), k)
+
+
 # The launches training and evaluation make: CLIP ViT-B/L and text towers, losses at large batch.
 TYPICAL = [
     (launch_contrastive, dict(n=65536, d=512, dtype="bf16")),
@@ -134,6 +144,7 @@ TYPICAL = [
     (launch_siglip, dict(n=16384, d=768, dtype="bf16")),
     (launch_attention, dict(batch=256, seq=197, heads=12, head_dim=64, dtype="bf16")),
     (launch_attention, dict(batch=256, seq=77, heads=8, head_dim=64, dtype="bf16", causal=True, padding=True)),
+    (launch_topk, dict(nq=4096, ng=8192, d=512, k=10, dtype="bf16")),  # search: the tiles do not depend on G
 ]
 
 # Every configuration. The launchers' config functions map (dtype, feature or head dim, sequence length) to block
@@ -141,6 +152,7 @@ TYPICAL = [
 # launch per distinct config (fp16 picks bf16's configs, so 16-bit launches are bf16) plus the flag variants.
 # test_triton_compile.py checks that every config any supported input reaches is in this domain.
 MAX_FEATURE_DIM, MAX_HEAD_DIM = 2048, 128  # the triton backend's limits (its Support rows' max_dim)
+MAX_TOPK = 256  # the largest k of topk_similarity's tests; its configs depend only on k and the dtype
 
 
 def _freeze(cfg: dict) -> tuple:
@@ -154,6 +166,8 @@ def case_configs(fn, kw) -> set:
         fwd = {k: v for k, v in CON.fwd_config(kw["n"], kw["d"], dtype).items() if k != "SPLIT"}  # grid, not tiles
         return {("contrastive_fwd", _freeze(fwd)),
                 ("contrastive_bwd", _freeze(CON.bwd_config(kw["n"], kw["d"], dtype)))}
+    if fn is launch_topk:
+        return {("topk_similarity", _freeze(TOPK._config(kw["nq"], kw["ng"], kw["k"], dtype)))}
     if fn is launch_siglip:
         return {(f"siglip_{'grad' if grad else 'loss'}", _freeze(SIG.config(kw["n"], kw["d"], dtype, grad)))
                 for grad in (False, True)}
@@ -164,6 +178,8 @@ def case_configs(fn, kw) -> set:
 
 def _candidates(feature_dims, head_dims, seqs, dtypes):
     for dtype in dtypes:
+        for k in range(1, MAX_TOPK + 1):
+            yield launch_topk, dict(nq=256, ng=1024, d=512, k=k, dtype=dtype)
         for d in feature_dims:
             yield launch_contrastive, dict(n=4096, d=d, dtype=dtype)  # the configs do not depend on N
             yield launch_siglip, dict(n=4096, d=d, dtype=dtype)
@@ -296,8 +312,9 @@ def describe(jit, args, kernel, arch) -> dict:
         ldgsts=ops["LDGSTS"], utmaldg=ops["UTMALDG"], stl=ops["STL"])
 
 
-def collect(archs=(90,), exhaustive=False):
+def collect(archs=(90,), exhaustive=False, ops=None):
     cases = all_cases() if exhaustive else TYPICAL
+    cases = [(fn, kw) for fn, kw in cases if ops is None or fn.__name__.removeprefix("launch_") in ops]
     return [describe(jit, args, kernel, arch) for arch in archs
             for jit, args, kernel in compile_launches(cases, arch)]
 
@@ -341,8 +358,10 @@ def main(argv=None):
     p.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_LIMIT))
     p.add_argument("--all", action="store_true", help="every configuration over the input domain, not only typical")
     p.add_argument("--notes", help="rewrite the generated table of this markdown file (benchmarks/NOTES.md)")
+    p.add_argument("--op", nargs="+", choices=("contrastive", "siglip", "attention", "topk"),
+                   help="only these ops' launches (default: all)")
     args = p.parse_args(argv)
-    rows = collect(tuple(args.arch), exhaustive=args.all)
+    rows = collect(tuple(args.arch), exhaustive=args.all, ops=args.op)
     for r in rows:
         print(json.dumps(r), flush=True)
     if args.notes:

@@ -30,11 +30,75 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 EQUIVALENT = ROOT / "tests" / "mutation"  # *.toml: one file per module, equivalent_<module>.toml
 
+
+def _ids(test: str, *params: str) -> list:
+    """Node ids of some parametrizations of ``test`` ("file::function")."""
+    return [f"{test}[{p}]" for p in params]
+
+
+# The torch backends' tests without the slow ones (n = 257 and 1000 in fp64 with 7-row chunks, the Triton kernels
+# in the interpreter): every function of the module is still run, at small odd sizes, every chunk boundary, fp64,
+# fp32, fp16/bf16, label smoothing, the confident and extreme regimes.
+_SCALES_CLIP = ("1.0-None-True", "14.3--2.5-True", "100.0-None-True", "30.0-1.0-False")
+_SCALES_SIGLIP = ("1.0--10.0-True", "10.0--10.0-True", "100.0-0.3-True", "30.0-None-False", "100.0-25.0-True")
+_SMALL = ("1-5", "3-16", "77-48")
+_CONTRASTIVE_TORCH = [
+    *_ids("tests/test_contrastive.py::test_matches_open_clip_fp64", *(f"{s}-{n}-torch" for s in _SCALES_CLIP
+                                                                      for n in _SMALL)),
+    "tests/test_contrastive.py::test_matches_open_clip_fp32",
+    *_ids("tests/test_contrastive.py::test_label_smoothing", "0.1-torch", "1.0-torch"),
+    *_ids("tests/test_contrastive.py::test_torch_chunk_sizes", "2", "13", "1000"),
+    "tests/test_contrastive.py::test_nan_in_nan_out[torch]",
+    "tests/test_contrastive.py::test_bf16_on_cpu_through_auto",
+    "tests/test_contrastive.py::test_module_passes_its_arguments",
+    "tests/test_contrastive.py::test_torch_backend_chunks",
+    "tests/test_contrastive.py::test_rowdot_in_chunks",
+    *_ids("tests/test_contrastive.py::test_ops_outputs_have_their_fakes_dtypes", "torch-dtype0-scalar_dtype0",
+          "torch-dtype1-scalar_dtype1"),
+    "tests/test_contrastive.py::test_merge_partials_on_the_partials_device",
+    "tests/test_contrastive.py::test_torch_backend_on_the_features_device_and_dtype",
+    *_ids("tests/test_loss_numerics.py::test_contrastive_uniform", "0.0-torch-dtype0", "0.0-torch-dtype1",
+          "0.1-torch-dtype2"),
+    *_ids("tests/test_regimes_losses.py::test_contrastive_trained_regime", "plain-float32-torch",
+          "plain-float16-torch", "bias+smoothing-float32-torch", "bias+smoothing-float16-torch"),
+]
+_SIGLIP_TORCH = [
+    *_ids("tests/test_siglip.py::test_matches_open_clip_fp64", *(f"{s}-{n}-torch" for s in _SCALES_SIGLIP
+                                                                 for n in _SMALL)),
+    "tests/test_siglip.py::test_torch_fp32",
+    *_ids("tests/test_siglip.py::test_negative_only_blocks", "1-1-torch", "3-5-torch", "40-33-torch", "17-17-torch"),
+    *_ids("tests/test_siglip.py::test_torch_chunk_sizes", "2", "13", "1000"),
+    "tests/test_siglip.py::test_extreme_logits_are_exact",
+    "tests/test_siglip.py::test_upstream_gradient_and_retain_graph[torch]",
+    *_ids("tests/test_siglip.py::test_backward_makes_a_deferred_text_gradient", "False-torch", "True-torch"),
+    "tests/test_siglip.py::test_no_grad_forward[torch]",
+    "tests/test_siglip.py::test_nan_in_nan_out[torch]",
+    "tests/test_siglip.py::test_auto_selection_and_bf16_on_cpu",
+    "tests/test_siglip.py::test_module_passes_its_arguments",
+    "tests/test_siglip.py::test_torch_backend_chunks",
+    "tests/test_siglip.py::test_torch_backend_on_the_features_device",
+    *_ids("tests/test_regimes_losses.py::test_siglip_extreme_logits", "float32-torch", "float16-torch"),
+]
+
 # module -> the test files (pytest node ids allowed) that exercise it
 MODULE_TESTS = {
     "fastclip/tokenizer.py": ["tests/test_tokenizer.py", "tests/test_regimes_tokenizer.py"],
     "fastclip/transforms.py": ["tests/test_transforms.py"],
-    "fastclip/losses.py": ["tests/test_contrastive.py", "tests/test_siglip.py", "tests/test_regimes_losses.py"],
+    # the tests that build the nn.Modules (the rest of those files call the functional ops and the kernels)
+    "fastclip/losses.py": ["tests/test_contrastive.py::test_matches_open_clip_fp64",
+                           "tests/test_contrastive.py::test_matches_open_clip_fp32",
+                           "tests/test_contrastive.py::test_output_dict_and_module_args",
+                           "tests/test_contrastive.py::test_module_holds_what_clip_loss_holds",
+                           "tests/test_contrastive.py::test_module_passes_its_arguments",
+                           "tests/test_contrastive.py::test_module_refuses_bad_arguments",
+                           "tests/test_contrastive.py::test_module_repr",
+                           "tests/test_siglip.py::test_matches_open_clip_fp64",
+                           "tests/test_siglip.py::test_output_dict_and_module_args",
+                           "tests/test_siglip.py::test_module_holds_what_siglip_loss_holds",
+                           "tests/test_siglip.py::test_module_passes_its_arguments",
+                           # the ranks as threads of the test process: the distributed forwards' arguments
+                           "tests/test_distributed.py::test_distributed[world2-clip_local0_gwg0_bias]",
+                           "tests/test_distributed.py::test_distributed[world2-siglip_bidir]"],
     "fastclip/distributed.py": ["tests/test_distributed.py", "tests/test_regimes_distributed.py"],
     # the dispatcher's own tests, not the numerical files that merely call it (minutes per mutant)
     "fastclip/dispatch.py": ["tests/test_regimes_dispatch.py",
@@ -56,17 +120,36 @@ MODULE_TESTS = {
                               for op in ("contrastive", "siglip", "attention")],
                             "tests/test_autocast.py::test_fp64_is_never_cast_by_autocast",
                             "tests/test_autocast.py::test_numpy_scalar_logit_scale"],
-    "fastclip/nn.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
+    # not test_attention.py's torch.compile(fullgraph=True) block: compiling cannot trace mutmut's trampolines
+    "fastclip/nn.py": ["tests/test_nn.py", "tests/test_regimes_attention.py"],
     "fastclip/ops/contrastive/__init__.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
-    "fastclip/ops/contrastive/pytorch.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
+    "fastclip/ops/contrastive/pytorch.py": _CONTRASTIVE_TORCH,
     "fastclip/ops/contrastive/reference.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
     "fastclip/ops/siglip/__init__.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
-    "fastclip/ops/siglip/pytorch.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
+    "fastclip/ops/siglip/pytorch.py": _SIGLIP_TORCH,
     "fastclip/ops/siglip/reference.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
     "fastclip/ops/attention/__init__.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
-    "fastclip/ops/attention/pytorch.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
+    # the tests that run the "torch" backend (test_attention.py's others exercise Triton in the interpreter)
+    "fastclip/ops/attention/pytorch.py": [
+        "tests/test_attention.py::test_plain_backends_fp64",
+        "tests/test_attention.py::test_torch_backend_low_precision",
+        "tests/test_attention.py::test_fully_padded_rows_zero_output_and_finite_grads",
+        "tests/test_attention.py::test_nan_in_nan_out", "tests/test_attention_cross.py::test_causal_is_top_left",
+        "tests/test_regimes_attention.py::test_cross_attention",
+        "tests/test_regimes_attention.py::test_torch_backend_calls_sdpa",
+        "tests/test_regimes_attention.py::test_torch_backend_nan_query_that_sees_no_key",
+        "tests/test_regimes_attention.py::test_sdpa_mask"],
     "fastclip/ops/attention/reference.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
-    "fastclip/models/transformer.py": ["tests/test_models.py", "tests/test_regimes_models.py"],
+    # no torch.compile(fullgraph=True) test (it cannot trace mutmut's trampolines), no full-size model
+    "fastclip/models/transformer.py": [
+        "tests/test_regimes_models.py::test_layer_norm_upcasts_bit_for_bit",
+        "tests/test_regimes_models.py::test_layer_norm_low_precision_weights_stay_in_their_dtype",
+        "tests/test_models.py::test_family_matches_open_clip", "tests/test_models.py::test_gradients_match_open_clip",
+        "tests/test_models.py::test_grad_checkpointing_same_result", "tests/test_models.py::test_output_tokens",
+        "tests/test_models.py::test_text_pad_mask_keeps_pooled_features",
+        "tests/test_models.py::test_attention_gets_strided_views_of_packed_qkv",
+        "tests/test_open_clip_configs.py::test_options_no_shipped_config_uses",
+        "tests/test_open_clip_configs.py::test_patch_dropout_in_training_equals_open_clip"],
     "fastclip/models/factory.py": ["tests/test_models.py", "tests/test_regimes_models.py"],
 }
 
@@ -125,9 +208,13 @@ def score(module: str, codes: dict, equivalent: dict) -> tuple[str, list]:
     killed = [k for k, c in codes.items() if c in KILLED and k not in equiv]
     survived = sorted(k for k, c in codes.items() if c not in KILLED and k not in equiv)
     denom = len(codes) - len(equiv)
-    pct = 100.0 * len(killed) / denom if denom else 100.0
-    line = (f"{module}: {len(codes)} of {total} mutants tried, {len(killed)} killed, {len(equiv)} equivalent, "
-            f"{len(survived)} not killed -> {pct:.1f}% of non-equivalent (timeouts counted as killed: {timeouts})")
+    tried = f"{len(codes)} of {total} mutants tried"
+    if not denom:  # nothing scored: no score, not 100%
+        return f"{module}: {tried}, no score (run it, or mutmut found no test for its mutants)", survived
+    pct = 100.0 * len(killed) / denom
+    partial = "" if len(codes) == total else f" PARTIAL: {total - len(codes)} mutants not tried,"
+    line = (f"{module}: {tried},{partial} {len(killed)} killed, {len(equiv)} equivalent, {len(survived)} not killed"
+            f" -> {pct:.1f}% of non-equivalent tried (timeouts counted as killed: {timeouts})")
     return line, survived
 
 

@@ -187,4 +187,6 @@ FC_DEVICE float warp_reduce_sum4(float v) {
   v += shfl_xor(v, 1);
   return v + shfl_xor(v, 2);
 }
+// 2^x - 1 to 1-2 ulp also where 2^x rounds to 1 (the math library's expm1f, not an approximation)
+FC_DEVICE float expm1_2(float x) { return expm1f(x * 0.6931471805599453f); }
 }  // namespace fc

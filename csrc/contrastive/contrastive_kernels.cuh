@@ -4,10 +4,13 @@
 // w: the MT = 2 m16 tiles from row 32 w) and walks every BN = 64 column block of text, starting at column block
 // blockIdx.x mod #blocks so that concurrent blocks merge into different columns. Each (column block, BK = 64 slice of
 // d) step is staged in shared memory by cp.async, double buffered across the flattened loop; S tiles come from
-// ldmatrix + mma.m16n8k16 (image rows = A row-major; text rows give B "col" directly, non-trans ldmatrix). Row (max,
-// sum) statistics stay online in registers; each tile's column (max, sum) is reduced over the warp's rows by
-// shuffles, over the warps through shared memory, then merged into col_packed[j] by a 64-bit atomicCAS loop (so the
-// column statistics depend on the merge order at the rounding level: not bitwise deterministic).
+// ldmatrix + mma.m16n8k16 (image rows = A row-major; text rows give B "col" directly, non-trans ldmatrix), with the
+// diagonal replaced by the caller's t_ii. Statistics are (max, rest) (contrastive.h): a row's stay online in
+// registers, each thread holding the sum of its terms below the max and the count of its terms equal to it (the
+// count is exact, so rest = sum + (count - 1) keeps a confident row's ~1e-9 rest); each tile's column (max, rest) is
+// reduced over the warp's rows by shuffles, over the warps through shared memory, then merged into col_packed[j] by
+// a 64-bit atomicCAS loop (so the column statistics depend on the merge order at the rounding level: not bitwise
+// deterministic).
 //
 // Backward (contrastive_bwd_kernel, 2 GEMMs = 4 n^2 d FLOPs per launch, 8 n^2 d for both gradients, no atomics,
 // deterministic): a block owns BM = 16 MW rows of a, kept in shared memory for the whole kernel; the NW warps of each
@@ -15,8 +18,10 @@
 // (cp.async, STAGES buffers, whole d):
 //   GEMM1: warp (mw, nw) computes the partial S (16 x BN) over its own d slice (split-K); with NW > 1 the partials
 //          are summed through shared memory in a fixed order.
-//   ds:    fp32, ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform (0 outside the n x n matrix), rounded
-//          to T as GEMM2's A operand. NW == 1: straight from the accumulator registers (the C fragments of two n8
+//   ds:    fp32, ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform (0 outside the n x n matrix; on the
+//          diagonal t = the caller's t_ii and the targets are subtracted inside two expm1s), rounded to T as GEMM2's
+//          A operand (fp16: times 2^14, so that a confident row's ~1e-9 ds is not flushed to 0; undone exactly on
+//          the fp32 sums). NW == 1: straight from the accumulator registers (the C fragments of two n8
 //          tiles are one k16 A fragment). NW > 1 and BN / NW >= 8 (the 256- and 512-wide configs): each warp of the
 //          row group forms BN / NW of the columns and they trade them through shared memory (ldmatrix). 1024- and
 //          2048-wide configs (BN = 16 < 8 NW): every warp forms the row group's whole 16 x BN ds (NW-fold exp2 work:
@@ -34,6 +39,21 @@ namespace contrastive_detail {
 constexpr float kLog2e = 1.4426950408889634f;
 
 FC_DEVICE float neg_inf() { return fc::bits_to_float(0xff800000u); }
+// ds is rounded to T for GEMM2 times this power of two (and the sums scaled back, exactly): a confident row's ds is
+// ~1 - p_ii, 1e-6 .. 1e-12, below fp16's smallest normal (6e-5) and even subnormal (6e-8). |ds| <= 2, so 2^14 ds
+// stays below fp16's largest finite value (65504). bf16 has fp32's range.
+template <class T>
+constexpr float kDsUp = 1.f;
+template <>
+constexpr float kDsUp<fc::Fp16> = 16384.f;
+// Merge the (max, rest) partial (m2, r2) into (m1, r1), base 2, never forming 1 + rest of the partial that holds the
+// max (an empty partial is (-inf, -1)).
+FC_DEVICE void merge_rest(float& m1, float& r1, float m2, float r2) {
+  const float m = fmaxf(m1, m2);
+  const float m_use = m == neg_inf() ? 0.f : m;
+  r1 = m1 >= m2 ? r1 + (1.f + r2) * fc::exp2_approx(m2 - m_use) : r2 + (1.f + r1) * fc::exp2_approx(m1 - m_use);
+  m1 = m;
+}
 FC_DEVICE int imin(int a, int b) { return a < b ? a : b; }
 struct alignas(8) Float2 {  // one 8-byte store (st.global.v2.f32)
   float x, y;
@@ -48,7 +68,7 @@ struct FwdCfg {
   static constexpr int THREADS = 32 * WARPS;
   static constexpr int PITCH = BK + 8;                  // halves per smem row: +16 bytes, conflict-free ldmatrix
   static constexpr int STAGE = (BM + BN) * PITCH;       // halves per pipeline stage (image rows, then text rows)
-  static constexpr int SMEM = 2 * STAGE * 2 + WARPS * BN * 2 * 4;  // 2 stages + per-warp column (max, sum)
+  static constexpr int SMEM = 2 * STAGE * 2 + WARPS * BN * 2 * 4;  // 2 stages + per-warp column (max, rest)
   static_assert(BN % 16 == 0 && BK % 16 == 0 && BN <= THREADS, "tile shape");
 };
 
@@ -58,7 +78,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
   constexpr int BM = C::BM, PITCH = C::PITCH, STAGE = C::STAGE, NT = BN / 8;
   FC_DYNAMIC_SMEM(smem);
   uint16_t* sbuf = reinterpret_cast<uint16_t*>(smem);
-  float* scol = reinterpret_cast<float*>(smem + 2 * STAGE * 2);  // [WARPS][BN][2]
+  float* scol = reinterpret_cast<float*>(smem + 2 * STAGE * 2);  // [WARPS][BN][2]: (max, rest)
 
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
   const int n = p.n, d = p.d;
@@ -89,13 +109,16 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
     }
   };
 
-  float m_r[MT][2], l_r[MT][2];
+  // row statistics: the max (quad-uniform), and this thread's sum of 2^(t - max) over its terms below the max and
+  // count of terms equal to it
+  float m_r[MT][2], e_r[MT][2], c_r[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       m_r[mt][r] = NEG_INF;
-      l_r[mt][r] = 0.f;
+      e_r[mt][r] = 0.f;
+      c_r[mt][r] = 0.f;
     }
   float acc[MT][NT][4];
 
@@ -139,7 +162,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
     }
     if (kk != nk - 1) continue;
 
-    // ---- epilogue of column block cb: base-2 logits, masked (t = -inf outside the n x n matrix)
+    // ---- epilogue of column block cb: base-2 logits, masked (t = -inf outside the n x n matrix), t_ii = diag[i]
     const int cb = (cb0 + it / nk) % ncb, col0 = cb * BN;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -148,9 +171,10 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int row = wrow + mt * 16 + g + (c >= 2 ? 8 : 0), col = col0 + nt * 8 + 2 * tq + (c & 1);
-          acc[mt][nt][c] = (row < n && col < n) ? acc[mt][nt][c] * scale2 : NEG_INF;
+          const float t = row == col ? p.diag[imin(row, n - 1)] : acc[mt][nt][c] * scale2;
+          acc[mt][nt][c] = (row < n && col < n) ? t : NEG_INF;
         }
-    // row statistics (online; the max is quad-uniform, the sum stays a per-thread partial)
+    // row statistics (online; the max is quad-uniform, the sum and count stay per-thread partials)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -161,11 +185,18 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
         mx = fc::warp_reduce_max4(mx);
         const float m_new = fmaxf(m_r[mt][r], mx);
         const float m_use = m_new == NEG_INF ? 0.f : m_new;  // rows past n see only -inf
-        float s = 0.f;
+        if (m_new > m_r[mt][r]) {  // a new max: the old maxima become ordinary terms (quad-uniform branch)
+          e_r[mt][r] = (e_r[mt][r] + c_r[mt][r]) * fc::exp2_approx(m_r[mt][r] - m_use);
+          c_r[mt][r] = 0.f;
+        }
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          s += fc::exp2_approx(acc[mt][nt][2 * r] - m_use) + fc::exp2_approx(acc[mt][nt][2 * r + 1] - m_use);
-        l_r[mt][r] = l_r[mt][r] * fc::exp2_approx(m_r[mt][r] - m_use) + s;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float x = acc[mt][nt][2 * r + e];
+            if (x == m_new) c_r[mt][r] += 1.f;
+            else e_r[mt][r] += fc::exp2_approx(x - m_use);
+          }
         m_r[mt][r] = m_new;
       }
     // column statistics over this warp's 16 MT rows: the 2 MT values of a column in this thread, then the 8 lanes
@@ -180,39 +211,39 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
         cm = fmaxf(cm, fc::shfl_xor(cm, 4));
         cm = fmaxf(cm, fc::shfl_xor(cm, 8));
         cm = fmaxf(cm, fc::shfl_xor(cm, 16));
-        const float cm_use = cm == NEG_INF ? 0.f : cm;  // a warp whose rows are all past n
-        float cs = 0.f;
+        const float cm_use = cm == NEG_INF ? 0.f : cm;
+        float cs = 0.f, cc = 0.f;  // terms below the max, terms equal to it
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-          cs += fc::exp2_approx(acc[mt][nt][e] - cm_use) + fc::exp2_approx(acc[mt][nt][e + 2] - cm_use);
-        cs += fc::shfl_xor(cs, 4);
-        cs += fc::shfl_xor(cs, 8);
-        cs += fc::shfl_xor(cs, 16);
+#pragma unroll
+          for (int h = 0; h < 4; h += 2) {
+            const float x = acc[mt][nt][e + h];
+            if (x == cm) cc += 1.f;
+            else cs += fc::exp2_approx(x - cm_use);
+          }
+#pragma unroll
+        for (int mask = 4; mask <= 16; mask *= 2) {
+          cs += fc::shfl_xor(cs, mask);
+          cc += fc::shfl_xor(cc, mask);
+        }
         if (g == 0) {
           const int cl = nt * 8 + 2 * tq + e;
           scol[(warp * BN + cl) * 2] = cm;
-          scol[(warp * BN + cl) * 2 + 1] = cs;
+          scol[(warp * BN + cl) * 2 + 1] = cm == NEG_INF ? -1.f : cs + (cc - 1.f);  // a warp of rows past n: empty
         }
       }
     fc::sync_threads();
     // (the next write of scol follows the next iteration's sync_threads)
     if (tid < BN && col0 + tid < n) {
-      float M = NEG_INF;
+      float M = NEG_INF, R = -1.f;
 #pragma unroll
-      for (int w = 0; w < WARPS; ++w) M = fmaxf(M, scol[(w * BN + tid) * 2]);
-      const float M_use = M == NEG_INF ? 0.f : M;
-      float S = 0.f;
-#pragma unroll
-      for (int w = 0; w < WARPS; ++w)
-        S += scol[(w * BN + tid) * 2 + 1] * fc::exp2_approx(scol[(w * BN + tid) * 2] - M_use);
-      // merge (M, S) into the column's packed (max, sum): 64-bit CAS loop (the first guess may be stale)
+      for (int w = 0; w < WARPS; ++w) merge_rest(M, R, scol[(w * BN + tid) * 2], scol[(w * BN + tid) * 2 + 1]);
+      // merge (M, R) into the column's packed (max, rest): 64-bit CAS loop (the first guess may be stale)
       unsigned long long* addr = p.col_packed + (col0 + tid);
       unsigned long long old = *reinterpret_cast<volatile unsigned long long*>(addr);
       while (true) {
-        const float om = fc::bits_to_float(uint32_t(old)), os = fc::bits_to_float(uint32_t(old >> 32));
-        const float nm = fmaxf(om, M);
-        const float nm_use = nm == NEG_INF ? 0.f : nm;
-        const float ns = os * fc::exp2_approx(om - nm_use) + S * fc::exp2_approx(M - nm_use);
+        float nm = fc::bits_to_float(uint32_t(old)), ns = fc::bits_to_float(uint32_t(old >> 32));
+        merge_rest(nm, ns, M, R);
         const unsigned long long nv =
             (unsigned long long)fc::float_to_bits(nm) | ((unsigned long long)fc::float_to_bits(ns) << 32);
         const unsigned long long prev = fc::atomic_cas(addr, old, nv);
@@ -227,11 +258,11 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * WARPS) contrastive_fwd_kernel(ContrastiveFw
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float l = fc::warp_reduce_sum4(l_r[mt][r]);
+      const float e = fc::warp_reduce_sum4(e_r[mt][r]), c = fc::warp_reduce_sum4(c_r[mt][r]);
       const int row = wrow + mt * 16 + g + 8 * r;
       if (tq == 0 && row < n) {
         p.row_max[row] = m_r[mt][r];
-        p.row_sum[row] = l;
+        p.row_rest[row] = e + (c - 1.f);
       }
     }
 }
@@ -343,13 +374,17 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
         fc::mma_16816<T>(s[2 * np + 1], af, b1);
       }
     }
-    // ---- ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform in fp32, 0 outside the n x n matrix
+    // ---- ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform in fp32, 0 outside the n x n matrix; on the
+    // diagonal t = the caller's t_ii and each p - 1 is one expm1 (~1 - p_ii: 2^x - 1 would round it away)
     const int col0 = cb * BN;
     auto ds_of = [&](float sv, int r, int row, int col, bool cvalid, float mb, float lb) {
+      if (!cvalid || row >= n) return 0.f;
+      if (row == col) {
+        const float t = p.diag[row];
+        return (fc::expm1_2((t - ma[r]) - la[r]) + fc::expm1_2((t - mb) - lb) + (2.f - diag) - uniform) * kDsUp<T>;
+      }
       const float t = sv * scale2;
-      const float v = fc::exp2_approx((t - ma[r]) - la[r]) + fc::exp2_approx((t - mb) - lb) -
-                      (row == col ? diag : 0.f) - uniform;
-      return (cvalid && row < n) ? v : 0.f;
+      return (fc::exp2_approx((t - ma[r]) - la[r]) + fc::exp2_approx((t - mb) - lb) - uniform) * kDsUp<T>;
     };
     if (NW > 1) {  // publish this warp's partial S (its d slice) for the row group
 #pragma unroll
@@ -450,7 +485,9 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
     for (int r = 0; r < 2; ++r) {
       const int row = ra + 8 * r, col = k_lo + o * 8 + 2 * tq;
       if (row < n && col < k_hi && col < d) {
-        *reinterpret_cast<Float2*>(p.grad_a + int64_t(row) * d + col) = Float2{acc[o][2 * r], acc[o][2 * r + 1]};
+        constexpr float down = 1.f / kDsUp<T>;
+        *reinterpret_cast<Float2*>(p.grad_a + int64_t(row) * d + col) =
+            Float2{acc[o][2 * r] * down, acc[o][2 * r + 1] * down};
       }
     }
 }
@@ -474,8 +511,9 @@ constexpr int kFwdWarps = 4, kFwdMT = 2, kFwdBN = 64, kFwdBK = 64;
 template <class T>
 const char* fwd_launch(const ContrastiveFwdParams& p, void* stream) {
   if (const char* e = check_features(p.image, p.text, p.image_stride, p.text_stride, p.n, p.d)) return e;
-  if (p.scale == nullptr || p.row_max == nullptr || p.row_sum == nullptr || p.col_packed == nullptr)
-    return "fastclip contrastive_fwd: null scale or output pointer";
+  if (p.scale == nullptr || p.diag == nullptr || p.row_max == nullptr || p.row_rest == nullptr ||
+      p.col_packed == nullptr)
+    return "fastclip contrastive_fwd: null scale, diag or output pointer";
   if ((reinterpret_cast<uintptr_t>(p.col_packed) & 7) != 0)
     return "fastclip contrastive_fwd: col_packed must be 8-byte aligned";
   using C = FwdCfg<kFwdWarps, kFwdMT, kFwdBN, kFwdBK>;
@@ -499,8 +537,8 @@ const char* bwd_run(const ContrastiveBwdParams& p, void* stream) {
 template <class T>
 const char* bwd_launch(const ContrastiveBwdParams& p, void* stream) {
   if (const char* e = check_features(p.a, p.b, p.a_stride, p.b_stride, p.n, p.d)) return e;
-  if (p.scale == nullptr || p.a_stats == nullptr || p.b_stats == nullptr || p.grad_a == nullptr)
-    return "fastclip contrastive_bwd: null scale, stats or output pointer";
+  if (p.scale == nullptr || p.diag == nullptr || p.a_stats == nullptr || p.b_stats == nullptr || p.grad_a == nullptr)
+    return "fastclip contrastive_bwd: null scale, diag, stats or output pointer";
   if ((reinterpret_cast<uintptr_t>(p.grad_a) & 7) != 0)
     return "fastclip contrastive_bwd: grad_a must be 8-byte aligned";
   if (p.d <= 128) return bwd_run<T, 128, 4, 1, 64, 2>(p, stream);

@@ -5,8 +5,8 @@
 extern "C" {
 
 const char* fc_contrastive_fwd(int bf16, const uint16_t* image, const uint16_t* text, int64_t image_stride,
-                               int64_t text_stride, int n, int d, const float* scale, float* row_max,
-                               float* row_sum, unsigned long long* col_packed) {
+                               int64_t text_stride, int n, int d, const float* scale, const float* diag,
+                               float* row_max, float* row_rest, unsigned long long* col_packed) {
   fastclip::ContrastiveFwdParams p{};
   p.image = image;
   p.text = text;
@@ -15,15 +15,16 @@ const char* fc_contrastive_fwd(int bf16, const uint16_t* image, const uint16_t* 
   p.n = n;
   p.d = d;
   p.scale = scale;
+  p.diag = diag;
   p.row_max = row_max;
-  p.row_sum = row_sum;
+  p.row_rest = row_rest;
   p.col_packed = col_packed;
   return bf16 ? fastclip::contrastive_fwd_bf16(p, nullptr) : fastclip::contrastive_fwd_fp16(p, nullptr);
 }
 
 const char* fc_contrastive_bwd(int bf16, const uint16_t* a, const uint16_t* b, int64_t a_stride, int64_t b_stride,
-                               int n, int d, const float* scale, const float* a_stats, const float* b_stats,
-                               float diag_coef, float uniform_coef, float* grad_a) {
+                               int n, int d, const float* scale, const float* diag, const float* a_stats,
+                               const float* b_stats, float diag_coef, float uniform_coef, float* grad_a) {
   fastclip::ContrastiveBwdParams p{};
   p.a = a;
   p.b = b;
@@ -32,6 +33,7 @@ const char* fc_contrastive_bwd(int bf16, const uint16_t* a, const uint16_t* b, i
   p.n = n;
   p.d = d;
   p.scale = scale;
+  p.diag = diag;
   p.a_stats = a_stats;
   p.b_stats = b_stats;
   p.diag_coef = diag_coef;

@@ -3,7 +3,8 @@
 A model comes from ``--model NAME --pretrained FILE`` (NAME a ``fastclip.list_models()`` name or the path of an
 open_clip model config JSON; a checkpoint's shapes do not tell its activation or head counts, so the architecture is
 always named), or from ``--run DIR``: a ``fastclip train`` run folder, that is a directory containing
-``config.json`` with a ``model`` key and a checkpoint file (``checkpoints/last.pt``, else the newest ``*.pt`` in the
+``config.json`` with a ``model`` key (at the top or under ``options``, as ``fastclip train`` writes it) and a
+checkpoint file (``checkpoints/last.pt``, else the newest ``*.pt`` in the
 folder or in ``checkpoints/``); the checkpoint's weights are its ``model`` or ``state_dict`` entry, or the file
 itself when it is a plain state dict. The run's model name must be a ``fastclip.list_models()`` name or one of
 ``fastclip train``'s own configs (``fastclip.train.models``).
@@ -11,6 +12,7 @@ itself when it is a plain state dict. The run's model name must be a ``fastclip.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -51,7 +53,8 @@ def _run_checkpoint(run: str) -> Tuple[str, str]:
     if not os.path.isfile(cfg_path):
         raise SystemExit(f"--run {run}: no config.json there (expected a fastclip train run folder)")
     with open(cfg_path) as f:
-        name = json.load(f).get("model")
+        cfg = json.load(f)
+    name = cfg.get("model") or cfg.get("options", {}).get("model")  # fastclip train: {"options": {"model": ...}}
     if not name:
         raise SystemExit(f"--run {run}: config.json has no 'model' key")
     last = os.path.join(run, "checkpoints", "last.pt")
@@ -97,7 +100,8 @@ def load_model(spec: dict, device: str = "cpu"):
                          f"config in this version" + ("" if "run" in spec else ", nor a config .json"))
     model = model.to(device).eval()
     size = getattr(model.visual, "image_size", 224)
-    return model, fastclip.tokenize, fastclip.image_transform(size)
+    context = getattr(model, "context_length", 77)  # fastclip train's tiny models read 20 tokens
+    return model, functools.partial(fastclip.tokenize, context_length=context), fastclip.image_transform(size)
 
 
 def _train_models():

@@ -71,12 +71,12 @@ def unavailable_reason() -> Optional[str]:
 
 def _register_fakes() -> None:  # once: _load() caches its outcome
     @torch.library.register_fake("fastclip::contrastive_stats_cuda")
-    def _(image, text, scale):
+    def _(image, text, scale, diag):
         n = image.shape[0]
         return image.new_empty((2, n), dtype=torch.float32), image.new_empty((2, n), dtype=torch.float32)
 
     @torch.library.register_fake("fastclip::contrastive_grad_cuda")
-    def _(a, b, scale, a_stats, b_stats, diag_coef, uniform_coef):
+    def _(a, b, scale, diag, a_stats, b_stats, diag_coef, uniform_coef):
         return a.new_empty(a.shape, dtype=torch.float32)
 
     @torch.library.register_fake("fastclip::flash_attn_fwd_cuda")

@@ -1,8 +1,12 @@
 """The contrastive loss's ``cuda`` backend: the (forward, backward) pair over the compiled extension's kernels.
 
-The kernels (``csrc/contrastive/``) return base-2 row/column statistics and fp32 gradient sums; the O(N * D)
-remainder of the loss (the diagonal, label smoothing, the output scaling and d(logit_scale)) is done here with
-PyTorch ops. Loading the extension: ``fastclip/ops/_extension.py``.
+The kernels (``csrc/contrastive/``) return base-2 row/column statistics (max, log2(1 + rest)) and fp32 gradient
+sums; the O(N * D) remainder (the diagonal logits, the loss from the statistics, label smoothing, the output scaling
+and d(logit_scale)) is done here with PyTorch ops. The base-2 diagonal logits t_ii are computed once here, by the
+same torch call in forward and backward, and handed to both kernels, which substitute them into their tiles: the
+loss's m_i - t_ii is then exactly 0 where the diagonal is the row's max, and the backward's softmax on the diagonal
+is the forward's, whatever the tiling (as in the Triton backend, ``triton.py``). Loading the extension:
+``fastclip/ops/_extension.py``.
 """
 from __future__ import annotations
 
@@ -12,41 +16,32 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-_LN2 = math.log(2.0)
+from fastclip.ops.contrastive.pytorch import diag_dots, loss_from_base2_stats
+
+_LOG2E = 1.0 / math.log(2.0)
 _ROW_CHUNK = 1 << 16  # rows per chunk of the O(N * D) fp32 work, so it never holds a full fp32 copy of a feature
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """sum_k a[i, k] * b[i, k] (or b[k] for a vector b) in fp32, chunked over rows."""
+    """sum_k a[i, k] * b[i, k] in fp32, chunked over rows."""
     out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
     for s in range(0, a.shape[0], _ROW_CHUNK):
-        bb = b[s:s + _ROW_CHUNK].float() if b.dim() == 2 else b
-        out[s:s + _ROW_CHUNK] = (a[s:s + _ROW_CHUNK].float() * bb).sum(1)
+        out[s:s + _ROW_CHUNK] = (a[s:s + _ROW_CHUNK].float() * b[s:s + _ROW_CHUNK].float()).sum(1)
     return out
 
 
-def _colmean(a: Tensor) -> Tensor:
-    acc = torch.zeros(a.shape[1], dtype=torch.float32, device=a.device)
-    for s in range(0, a.shape[0], _ROW_CHUNK):
-        acc += a[s:s + _ROW_CHUNK].float().sum(0)
-    return acc / a.shape[0]
+def _diag2(image: Tensor, text: Tensor, scale32: Tensor) -> Tensor:
+    """t_ii = scale log2(e) <I_i, T_i>, (N,) fp32: the diagonal logits both kernels use."""
+    return diag_dots(image, text) * (scale32 * _LOG2E)
 
 
 def contrastive_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor], label_smoothing: float,
                     chunk_size: Optional[int]):
     # The bias shifts every logit and so each log-sum-exp and each target logit alike: it cancels.
     scale32 = scale.reshape(1).float()
-    row, col = torch.ops.fastclip.contrastive_stats_cuda(image, text, scale32)
-    lse_row = (row[0] + row[1]) * _LN2
-    lse_col = (col[0] + col[1]) * _LN2
-    diag = scale32 * _rowdot(image, text)
-    eps = label_smoothing
-    loss_row = lse_row - (1.0 - eps) * diag
-    loss_col = lse_col - (1.0 - eps) * diag
-    if eps:
-        loss_row = loss_row - eps * scale32 * _rowdot(image, _colmean(text))
-        loss_col = loss_col - eps * scale32 * _rowdot(text, _colmean(image))
-    loss = 0.5 * (loss_row.mean() + loss_col.mean())
+    diag = _diag2(image, text, scale32)
+    row, col = torch.ops.fastclip.contrastive_stats_cuda(image, text, scale32, diag)
+    loss = loss_from_base2_stats(row, col, diag, image, text, scale32.reshape(()), None, label_smoothing)
     return loss, row, col
 
 
@@ -54,10 +49,11 @@ def contrastive_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bi
                     row_stats: Tensor, col_stats: Tensor, label_smoothing: float, chunk_size: Optional[int]):
     n = image.shape[0]
     scale32 = scale.reshape(1).float()
+    diag = _diag2(image, text, scale32)
     diag_coef, uniform_coef = 2.0 * (1.0 - label_smoothing), 2.0 * label_smoothing / n
-    g_image = torch.ops.fastclip.contrastive_grad_cuda(image, text, scale32, row_stats, col_stats, diag_coef,
+    g_image = torch.ops.fastclip.contrastive_grad_cuda(image, text, scale32, diag, row_stats, col_stats, diag_coef,
                                                        uniform_coef)
-    g_text = torch.ops.fastclip.contrastive_grad_cuda(text, image, scale32, col_stats, row_stats, diag_coef,
+    g_text = torch.ops.fastclip.contrastive_grad_cuda(text, image, scale32, diag, col_stats, row_stats, diag_coef,
                                                       uniform_coef)
     # dL/ds_ij = ds_ij / 2n, s = scale * I T^T: dI = scale/2n * g_image, dT = scale/2n * g_text and
     # d(scale) = 1/2n * sum_i <I_i, g_image_i>.

@@ -21,12 +21,14 @@ chunk and forms dA and dB (3 GEMMs per chunk). Accumulation is in fp32 (fp64 for
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
 # Elements of one chunk x N tile. 2**22 fp32 = 16 MB, a handful of which are live at once.
 DEFAULT_TILE_ELEMENTS = 1 << 22
+LN2 = math.log(2.0)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,6 +72,34 @@ def merge_partials(m: torch.Tensor, rest: torch.Tensor, exp=torch.exp):
     first = torch.arange(m.shape[0], device=m.device).view(-1, *([1] * (m.dim() - 1))) == top
     terms = torch.where(first, rest, (1 + rest) * exp(m - m_safe))
     return m_max.squeeze(0), terms.sum(dim=0)
+
+
+def diag_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """<A_i, B_i> in fp32, (N,): S_ii's one definition in the fused backends (Triton, CUDA), which forward and
+    backward both compute by this same torch call (bitwise the same) and substitute into their tiles."""
+    return torch.cat([torch.linalg.vecdot(a[i:i + rows].float(), b[i:i + rows].float())
+                      for i in range(0, a.shape[0], rows)])
+
+
+def loss_from_base2_stats(row_stats: torch.Tensor, col_stats: torch.Tensor, diag: torch.Tensor, image: torch.Tensor,
+                          text: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                          label_smoothing: float) -> torch.Tensor:
+    """The loss (fp32, 0-d) from the fused kernels' base-2 statistics, (2, N) = (max m, log2(1 + rest)), and the
+    base-2 diagonal logits ``diag`` they substituted into their tiles:
+
+        -log2 P_ii = (m_i - diag_i) + ls_i    (exactly ls_i where the diagonal is the row's max)
+        loss = (1 - eps) ln2 mean_i (-log2 P_ii - log2 Q_ii) / 2 + eps (ln2 sum_i (r_i + c_i) / (2N) - mean_ij S_ij)
+    """
+    n = image.shape[0]
+    nll = (row_stats[0] - diag) + row_stats[1] + (col_stats[0] - diag) + col_stats[1]  # (N,)
+    loss = (1.0 - label_smoothing) * LN2 / 2 * nll.mean()
+    if label_smoothing:
+        # the mean of all logits only matters with label smoothing: O(N D)
+        mean_all = scale.float() * (image.mean(0, dtype=torch.float32) @ text.mean(0, dtype=torch.float32))
+        if bias is not None:
+            mean_all = mean_all + bias.float()
+        loss = loss + label_smoothing * ((row_stats.sum() + col_stats.sum()) * LN2 / (2 * n) - mean_all)
+    return loss.reshape(())
 
 
 def rest_stats(s: torch.Tensor, dim: int):

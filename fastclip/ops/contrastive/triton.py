@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from fastclip.dispatch import triton_interpret
-from fastclip.ops.contrastive.pytorch import merge_partials
+from fastclip.ops.contrastive.pytorch import diag_dots, loss_from_base2_stats, merge_partials
 from fastclip.ops.tuned import by_arch, tuned_config
 
 # constexpr: compiled kernels may read only constexpr globals (the interpreter does not enforce this)
@@ -116,7 +116,7 @@ def _contrastive_fwd_kernel(
     A, B, SCALE, BIAS,                     # features (N, D); 0-d scale and bias
     ROW_PART,                              # (2, G_c, N) fp32 out: (max, rest) of row i over column range c
     COL_PART,                              # (2, G_r, N) fp32 in/out (filled with (-inf, -1)): column j, row range r
-    DIAG,                                  # (N,) fp32: <A_i, B_i> (``_diag_dots``), S_ii's one definition
+    DIAG,                                  # (N,) fp32: <A_i, B_i> (``diag_dots``), S_ii's one definition
     N, D, rb_per, cb_per, G_R, G_C,        # row / column blocks per program; grid (G_R, G_C)
     stride_am, stride_ak, stride_bn, stride_bk,
     HAS_BIAS: tl.constexpr,
@@ -375,7 +375,7 @@ def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     col_part = torch.empty(2, g_r, n, dtype=torch.float32, device=dev)
     col_part[0].fill_(float("-inf"))
     col_part[1].fill_(-1.0)
-    dots = _diag_dots(image, text)
+    dots = diag_dots(image, text)
     scale_t = _scalar(scale, image)
     bias_t = _scalar(bias, image)
     _contrastive_fwd_kernel[(g_r, g_c)](
@@ -386,22 +386,9 @@ def contrastive_fwd(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     col_stats = _stats(*merge_partials(col_part[0], col_part[1], exp=torch.exp2))
     # S_ii in base 2, by the kernels' formula
     diag = dots * (scale_t.float() * LOG2E.value) + (bias_t.float() * LOG2E.value if bias is not None else 0.0)
-    # -log P_ii and -log Q_ii (base 2): (m - S_ii) is exactly 0 where the diagonal is the max
-    nll = (row_stats[0] - diag) + row_stats[1] + (col_stats[0] - diag) + col_stats[1]  # (N,)
-    loss = (1.0 - label_smoothing) * LN2.value / 2 * nll.mean()
-    if label_smoothing:
-        # the mean of all logits only matters with label smoothing: O(N D)
-        mean_all = scale_t.float() * (image.mean(0, dtype=torch.float32) @ text.mean(0, dtype=torch.float32))
-        if bias is not None:
-            mean_all = mean_all + bias_t.float()
-        loss = loss + label_smoothing * ((row_stats.sum() + col_stats.sum()) * LN2.value / (2 * n) - mean_all)
+    loss = loss_from_base2_stats(row_stats, col_stats, diag, image, text, scale_t, None if bias is None else bias_t,
+                                 label_smoothing)
     return loss, row_stats, col_stats
-
-
-def _diag_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """<A_i, B_i> in fp32, (N,): one torch computation that forward and backward both call (bitwise the same)."""
-    return torch.cat([torch.linalg.vecdot(a[i:i + rows].float(), b[i:i + rows].float())
-                      for i in range(0, a.shape[0], rows)])
 
 
 def _stats(m: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
@@ -432,7 +419,7 @@ def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
     scale_t = _scalar(scale, image)
     bias_t = _scalar(bias, image)
     grad_t = grad.reshape(()).to(torch.float32)
-    dots = _diag_dots(image, text)
+    dots = diag_dots(image, text)
     d_image, d_scale = _bwd_one_side(grad_t, image, text, dots, scale_t, bias_t, bias is not None, row_stats, col_stats,
                                      label_smoothing, compute_dscale=True)
     d_text, _ = _bwd_one_side(grad_t, text, image, dots, scale_t, bias_t, bias is not None, col_stats, row_stats,

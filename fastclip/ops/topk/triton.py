@@ -90,11 +90,15 @@ def _config(nq: int, ng: int, k: int, dtype: torch.dtype) -> dict:
         # small tiles: several blocks, masked edges and many merge steps at test sizes
         return dict(BLOCK_M=16, BLOCK_N=16 if ng <= 64 else 32, BLOCK_K=16, BLOCK_TOP=top, num_warps=4,
                     num_stages=1)
-    # the running top-k takes 2 * BLOCK_M * BLOCK_TOP registers per program: fewer rows for large k. Chosen to
-    # compile without register spills for sm_90 and sm_80 (tests/test_topk.py, ptxas); untimed.
-    block_m = 32 if top <= 64 else 16
-    block_k = 64 if dtype != torch.float32 else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, BLOCK_TOP=top, num_warps=4, num_stages=3)
+    # 64-row tiles, so that the tile GEMM is a wgmma on sm_90 (16-bit inputs); the running top-k takes
+    # 2 * BLOCK_M * BLOCK_TOP registers per program, so k > 32 gets 8 warps and k > 128 16-row tiles (64 rows spill
+    # there). Chosen from the sm_90/sm_80 compiles of tests/triton_static.py (registers, spills); untimed.
+    if top > 128:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64 if dtype != torch.float32 else 32, BLOCK_TOP=top, num_warps=4,
+                    num_stages=3)
+    if dtype != torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_TOP=top, num_warps=4 if top <= 32 else 8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_TOP=top, num_warps=8, num_stages=3)
 
 
 def topk_similarity(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
