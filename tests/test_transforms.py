@@ -224,3 +224,15 @@ def test_no_warning():
             image_transform(16, is_train=True)(img)
     finally:
         torch.set_warn_always(old)
+
+
+def test_class_defaults_and_other_geometries_equal_open_clip():
+    img = make_image("RGB", 30, 20, np.random.default_rng(9))
+    _check(T.ImageTransform(16, resize_mode="longest")(img), oc_image_transform(16, False, resize_mode="longest")(img),
+           "ImageTransform defaults")
+    _check(image_transform(16, resize_mode="squash", interpolation="bilinear")(img),
+           oc_image_transform(16, False, resize_mode="squash", interpolation="bilinear")(img), "squash bilinear")
+    torch.manual_seed(3)
+    ref = oc_image_transform((24, 40), True)(img)
+    torch.manual_seed(3)
+    _check(image_transform((24, 40), is_train=True)(img), ref, "train (24, 40)")
