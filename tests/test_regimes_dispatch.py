@@ -292,12 +292,17 @@ def test_triton_availability(monkeypatch):
 def test_triton_import_failure_is_reported_and_cached(monkeypatch):
     import sys
 
+    import triton.language
+
+    real = sys.modules["triton.language"]
     monkeypatch.delitem(dispatch._TRITON_IMPORT, "err", raising=False)
     monkeypatch.setitem(sys.modules, "triton.language", None)  # importing it raises ImportError
     expected = ("triton is not importable (ModuleNotFoundError: import of triton.language halted; None in sys.modules); "
                 "pip install triton")
     assert dispatch._triton_import_error() == expected
-    monkeypatch.delitem(sys.modules, "triton.language")
+    # the real module back (never a fresh import of it: modules that hold the old one, as the interpreter does, would
+    # see a second triton.language and every later kernel launch would fail)
+    monkeypatch.setitem(sys.modules, "triton.language", real)
     assert dispatch._triton_import_error() == expected  # cached: not imported again
     monkeypatch.delitem(dispatch._TRITON_IMPORT, "err")
     assert dispatch._triton_import_error() is None
