@@ -88,16 +88,28 @@ def peaked_attention_inputs(b: int, s: int, h: int, d: int, peak: float, dtype=t
 # losses
 
 
-def trained_features(n: int, d: int, dtype=torch.float32, *, cos: Tuple[float, float] = (0.45, 0.6)):
+def trained_features(n: int, d: int, dtype=torch.float32, *, cos: Tuple[float, float] = (0.45, 0.6),
+                     margin: Optional[float] = 0.1):
     """Unit image/text features of a trained model: cos(i_i, t_i) = c_i, spread uniformly over ``cos``, with the
     text's other component random. At D = 64 the unrelated pairs have cos ~ N(0, 1/D), so at scale 100 the
     diagonal leads its row by 10 to 35 logits: p_ii from ~0.999 to 1 - 1e-12, where softmax - 1 cancels and a
-    loss of ~1e-6 sits next to logits of ~50. Leaves (N, D) requiring grad."""
-    img = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1)
-    other = torch.randn(n, d, dtype=torch.float64)
-    other = F.normalize(other - (other * img).sum(-1, keepdim=True) * img, dim=-1)  # orthogonal to img
-    c = torch.empty(n, 1, dtype=torch.float64).uniform_(*cos)
-    txt = c * img + (1 - c ** 2).sqrt() * other
+    loss of ~1e-6 sits next to logits of ~50. The lead is guaranteed, not likely: draws are repeated until every
+    diagonal cosine beats the rest of its row and of its column by ``margin`` (None: any draw). Leaves (N, D)
+    requiring grad."""
+    for _ in range(1000):
+        img = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1)
+        other = torch.randn(n, d, dtype=torch.float64)
+        other = F.normalize(other - (other * img).sum(-1, keepdim=True) * img, dim=-1)  # orthogonal to img
+        c = torch.empty(n, 1, dtype=torch.float64).uniform_(*cos)
+        txt = c * img + (1 - c ** 2).sqrt() * other
+        cosines = img @ txt.T
+        off = cosines.masked_fill(torch.eye(n, dtype=torch.bool), -math.inf)  # (N, N), the diagonal left out
+        lead = torch.minimum(c[:, 0] - off.amax(1), c[:, 0] - off.amax(0))  # (N,): row i's and column i's lead
+        if margin is None or n == 1 or lead.min() >= margin:
+            break
+    else:
+        raise ValueError(f"trained_features: no draw of {n} pairs in dimension {d} with cos in {cos} leads by "
+                         f"{margin}; widen cos or lower margin")
     return img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()
 
 
@@ -123,7 +135,7 @@ def siglip_spec(img, txt, scale, bias) -> torch.Tensor:
 def extreme_siglip_inputs(n: int, d: int, dtype=torch.float32):
     """Features whose logits reach |S| ~ 1e3 at scale 1000 (beyond SigLIP's init of 10, as a diverged or
     over-trained run reaches): matching pairs nearly parallel, a few anti-parallel, plus near-zero logits."""
-    img, txt = trained_features(n, d, torch.float64, cos=(0.1, 1.0))
+    img, txt = trained_features(n, d, torch.float64, cos=(0.1, 1.0), margin=None)
     img, txt = img.detach().clone(), txt.detach().clone()
     txt[1::3] = -txt[1::3]  # some positives at logit -scale: loss ~ scale, gradient saturated
     return img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()
