@@ -120,9 +120,11 @@ def test_near_one_hot_attention(backend, peak):
     lo_grads = torch.autograd.grad(lo_out, lo, dout)
     terms = scale * dout.abs().max().item() * v.abs().max().item() * max(q.abs().max().item(), k.abs().max().item())
     atol = terms * 2 * d * unit_roundoff(torch.float32)
+    # factor 4, not flash-attn's 3: the naive error is itself one random sample, and over 200 seeds x 3 peaks the
+    # kernel's dq/dk error reached 3.35x it (at peaks 8 and 12, where both round P to fp16 differently)
     for name, g, h_, l_ in zip(("dq", "dk", "dv"), grads, hi_grads, lo_grads):
         assert g.dtype == dtype and torch.isfinite(g).all()
-        assert_within_naive(name, g, h_, (l_.double() - h_).abs().max().item(), factor=3, atol=atol)
+        assert_within_naive(name, g, h_, (l_.double() - h_).abs().max().item(), factor=4, atol=atol)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
