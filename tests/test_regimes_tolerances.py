@@ -36,6 +36,9 @@ def _attention(q, k, v, scale, causal, mask, *, score_dtype=None, p_dtype=None):
                                           (torch.float32, dict(p_dtype=torch.bfloat16))],
                          ids=["fp32-scores-in-fp16", "fp32-P-in-bf16"])
 def test_attention_bound_catches_low_precision_intermediates(dtype, mutant):
+    # fixed inputs: a short padding can leave too few visible keys for a planted rounding to show in the max error
+    # (FASTCLIP_TEST_SEED=1454575621 drew such a mask for P in bf16)
+    torch.manual_seed(0)
     _, _, _, leaves = cross_attention_inputs(2, 13, 17, 2, 16, dtype)
     mask = padding_mask(2, 17, empty_row=False)
 
