@@ -10,7 +10,10 @@ Tolerances are bounds, not fudge factors:
   * gradient: ds is rounded to the input type before the second GEMM (the contract; in fp16 as 2^14 ds, so it stays
     in the normal range), so element (i, k) may be off by u (|ds| @ |b|)_ik (u = 2^-11 fp16, 2^-8 bf16: twice the
     round-to-nearest bound), plus what dt does to the softmaxes, 2 ln2 TOL_T ((P + Q) @ |b|), plus the fp32
-    accumulation, n 2^-23 (|ds| @ |b|).
+    accumulation, n 2^-23 (|ds| @ |b|);
+  * ds_dot_i = sum_j ds_ij <a_i, b_j> (what d(logit_scale) is formed from): ds is not rounded there, so only the
+    softmaxes' 2 ln2 TOL_T sum_j (P + Q)_ij |S_ij|, the dots' TOL_T / (scale log2 e) sum_j |ds_ij| and the fp32
+    sums' n 2^-23 sum_j |ds_ij S_ij| remain (S_ij = <a_i, b_j>).
 Padding rows past n and the gap between d and the row stride hold NaN: a load past the masks poisons the results.
 """
 import ctypes
@@ -34,7 +37,7 @@ def lib():
     lib.fc_contrastive_fwd.restype = ctypes.c_char_p
     lib.fc_contrastive_fwd.argtypes = [i32, vp, vp, i64, i64, i32, i32, vp, vp, vp, vp, vp]
     lib.fc_contrastive_bwd.restype = ctypes.c_char_p
-    lib.fc_contrastive_bwd.argtypes = [i32, vp, vp, i64, i64, i32, i32, vp, vp, vp, vp, f32, f32, vp]
+    lib.fc_contrastive_bwd.argtypes = [i32, vp, vp, i64, i64, i32, i32, vp, vp, vp, vp, f32, f32, vp, vp]
     return lib
 
 
@@ -81,7 +84,8 @@ def stats_of(m, rest):
     return np.stack([m, np.log1p(rest.astype(np.float32)) * LOG2E]).astype(np.float32)
 
 
-def bwd(lib, kind, a_bits, b_bits, n, d, scale, a_stats, b_stats, diag, uniform, tdiag=None):
+def bwd(lib, kind, a_bits, b_bits, n, d, scale, a_stats, b_stats, diag, uniform, tdiag=None, ds_dot=True):
+    """(grad_a (n, d), ds_dot (n,) or None (not asked for: a null pointer)), float64."""
     sc = emulator.aligned_empty((1,), np.float32)
     sc[0] = scale
     if tdiag is None:
@@ -92,11 +96,13 @@ def bwd(lib, kind, a_bits, b_bits, n, d, scale, a_stats, b_stats, diag, uniform,
     sb[...] = b_stats
     g = emulator.aligned_empty((n, d), np.float32)
     g[...] = np.nan
-    err = lib.fc_contrastive_bwd(int(kind == "bf16"), emulator.ptr(a_bits), emulator.ptr(b_bits), a_bits.shape[1],
-                                 b_bits.shape[1], n, d, emulator.ptr(sc), emulator.ptr(tdiag), emulator.ptr(sa),
-                                 emulator.ptr(sb), diag, uniform, emulator.ptr(g))
+    dot = emulator.aligned_empty((n,), np.float32)
+    dot[...] = np.nan
+    P = emulator.ptr
+    err = lib.fc_contrastive_bwd(int(kind == "bf16"), P(a_bits), P(b_bits), a_bits.shape[1], b_bits.shape[1], n, d,
+                                 P(sc), P(tdiag), P(sa), P(sb), diag, uniform, P(g), P(dot if ds_dot else None))
     assert err is None, err
-    return g.astype(np.float64)
+    return g.astype(np.float64), (dot.astype(np.float64) if ds_dot else None)
 
 
 def tol_t(a, b, scale):
@@ -160,8 +166,27 @@ def check_grad(got, y, tx, sx, sy, n, kind, diag, uniform, tt):
     # finer: the kernel rounds ds to the input type and nothing else coarse happens; its distance to
     # round(ds) @ y is a small fraction of the rounding's own effect (only rare rounding flips remain)
     ref_r = round_to(ds, kind) @ y
-    rms = lambda v: float(np.sqrt(np.mean(v ** 2)))  # noqa: E731
     assert rms(got - ref_r) <= 0.25 * rms(ref_r - ref) + 1e-6 * rms(ref) + 1e-7, (rms(got - ref_r), rms(ref_r - ref))
+    return ds, pq
+
+
+def rms(v):
+    return float(np.sqrt(np.mean(v ** 2)))
+
+
+def check_ds_dot(got, ds, pq, dots, kind, scale, tt):
+    """got (the kernel's ds_dot) against sum_j ds_ij dots_ij in float64 (dots = <a_i, b_j>), by the bound above; and
+    far closer to it than the same sum over ds rounded as the second GEMM's operand (what d(logit_scale) would
+    carry if it were formed from the gradient)."""
+    n = ds.shape[0]
+    ref = (ds * dots).sum(1)
+    bound = (2 * np.log(2) * tt * (pq * np.abs(dots)).sum(1) + tt / (scale * LOG2E) * np.abs(ds).sum(1)
+             + n * 2.0 ** -23 * np.abs(ds * dots).sum(1) + 1e-7)
+    err = np.abs(got - ref)
+    assert np.all(np.isfinite(got))
+    assert np.all(err <= bound), (err.max(), (err / bound).max())
+    ref_r = (round_to(ds, kind) * dots).sum(1)
+    assert rms(got - ref) <= 0.25 * rms(ref_r - ref) + 1e-6 * rms(ref) + 1e-7, (rms(got - ref), rms(ref_r - ref))
 
 
 BWD_CASES = [  # n, d, scale, label smoothing, a stride, b stride
@@ -189,9 +214,25 @@ def test_backward_both_roles(lib, n, d, scale, ls, sa_, sb_, kind):
     diag, uniform = 2 * (1 - ls), 2 * ls / n
     tt = tol_t(a, b, scale)
     # image gradient (a = image) and text gradient (a = text, t transposed, stats swapped)
-    for x_bits, y_bits, y, tx, sx, sy in ((ib, tb, b, t, row, col), (tb, ib, a, t.T, col, row)):
-        got = bwd(lib, kind, x_bits, y_bits, n, d, scale, sx, sy, diag, uniform)
-        check_grad(got, y, tx, sx, sy, n, kind, diag, uniform, tt)
+    for x_bits, y_bits, x, y, tx, sx, sy in ((ib, tb, a, b, t, row, col), (tb, ib, b, a, t.T, col, row)):
+        got, got_dot = bwd(lib, kind, x_bits, y_bits, n, d, scale, sx, sy, diag, uniform)
+        ds, pq = check_grad(got, y, tx, sx, sy, n, kind, diag, uniform, tt)
+        check_ds_dot(got_dot, ds, pq, x @ y.T, kind, scale, tt)
+
+
+@pytest.mark.parametrize("d", [40, 264])  # ds_dot from one warp per row group; from 2 warps' disjoint columns
+def test_backward_ds_dot_is_optional(lib, d):
+    """A null ds_dot skips it and leaves grad_a bitwise unchanged."""
+    n, scale = 70, 100.0
+    rng = np.random.default_rng(d)
+    (ib, a), (tb, b) = features(n, d, "bf16", None, rng), features(n, d, "bf16", None, rng)
+    t = scale * LOG2E * (a @ b.T)
+    (rm, rs), (cm, cs) = ref_stats(t, 1), ref_stats(t, 0)
+    row, col = stats_of(rm, rs - 1), stats_of(cm, cs - 1)
+    with_dot, dot = bwd(lib, "bf16", ib, tb, n, d, scale, row, col, 1.8, 0.2 / n)
+    without, none = bwd(lib, "bf16", ib, tb, n, d, scale, row, col, 1.8, 0.2 / n, ds_dot=False)
+    assert none is None and np.isfinite(dot).all()
+    np.testing.assert_array_equal(with_dot, without)
 
 
 @pytest.mark.parametrize("d,kind", [(264, "fp16"), (512, "bf16"), (776, "bf16"), (1024, "fp16"), (1288, "fp16"),
@@ -218,8 +259,8 @@ def test_end_to_end_against_autograd(lib, kind, ls):
     rm, rs, cm, cs = fwd(lib, kind, ib, tb, n, d, scale)
     row, col = stats_of(rm, rs), stats_of(cm, cs)
     diag, uniform = 2 * (1 - ls), 2 * ls / n
-    g_img = bwd(lib, kind, ib, tb, n, d, scale, row, col, diag, uniform) * scale / (2 * n)
-    g_txt = bwd(lib, kind, tb, ib, n, d, scale, col, row, diag, uniform) * scale / (2 * n)
+    g_img = bwd(lib, kind, ib, tb, n, d, scale, row, col, diag, uniform)[0] * scale / (2 * n)
+    g_txt = bwd(lib, kind, tb, ib, n, d, scale, col, row, diag, uniform)[0] * scale / (2 * n)
 
     A = torch.tensor(a, requires_grad=True)
     B = torch.tensor(b, requires_grad=True)
@@ -269,16 +310,16 @@ def test_launcher_validation(lib):
     assert f(ctypes.c_void_p(0), d + 8, n, d) is not None
     assert f(P(x), d + 8, n, d, col=ctypes.c_void_p(out.ctypes.data + 4)) is not None  # col_packed 8-byte alignment
     assert lib.fc_contrastive_bwd(1, P(x), P(x), d + 8, d + 8, n, 2064, P(sc), P(dg), P(stats), P(stats), 2.0, 0.0,
-                                  P(grad)) is not None
+                                  P(grad), None) is not None
     assert lib.fc_contrastive_bwd(1, P(x), ctypes.c_void_p(x.ctypes.data + 8), d + 8, d + 8, n, d, P(sc), P(dg),
-                                  P(stats), P(stats), 2.0, 0.0, P(grad)) is not None
+                                  P(stats), P(stats), 2.0, 0.0, P(grad), None) is not None
     assert lib.fc_contrastive_bwd(1, P(x), P(x), d + 8, d + 8, n, d, P(sc), P(dg), P(stats), P(stats), 2.0, 0.0,
-                                  None) is not None
+                                  None, None) is not None
     assert b"8-byte" in lib.fc_contrastive_bwd(1, P(x), P(x), d + 8, d + 8, n, d, P(sc), P(dg), P(stats), P(stats),
-                                               2.0, 0.0, ctypes.c_void_p(grad.ctypes.data + 4))
+                                               2.0, 0.0, ctypes.c_void_p(grad.ctypes.data + 4), None)
     assert b"diag" in f(P(x), d + 8, n, d, diag=None)
     assert b"diag" in lib.fc_contrastive_bwd(1, P(x), P(x), d + 8, d + 8, n, d, P(sc), None, P(stats), P(stats), 2.0,
-                                             0.0, P(grad))
+                                             0.0, P(grad), None)
     # a valid call still works after all that
     sc[0] = 1.0
     assert f(P(x), d + 8, n, d) is None
@@ -304,8 +345,9 @@ def test_sweep(lib, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mean_p", [0.9995, 0.99999])
 def test_confident_regime_gradients(lib, kind, mean_p):
-    """Trained-model features (mean p_ii > 0.999 at scale 100): both feature gradients within 1% (relative norm)
-    of fp64 on the same rounded inputs. ds is formed in fp32, targets included, before it is rounded."""
+    """Trained-model features (mean p_ii > 0.999 at scale 100): both feature gradients, and d(scale) from the image
+    pass's ds_dot, within 1% (relative norm) of fp64 on the same rounded inputs. ds is formed in fp32, targets
+    included, before it is rounded; ds_dot never rounds it. The text pass's ds_dot sums to the same d(scale)."""
     import torch
 
     from fastclip.ops.contrastive.reference import contrastive_loss_ref
@@ -318,11 +360,14 @@ def test_confident_regime_gradients(lib, kind, mean_p):
     rm, rs, cm, cs = fwd(lib, kind, ib, tb, n, d, scale)
     row, col = stats_of(rm, rs), stats_of(cm, cs)
     coef = scale / (2 * n)
-    g_img = coef * bwd(lib, kind, ib, tb, n, d, scale, row, col, 2.0, 0.0)
-    g_txt = coef * bwd(lib, kind, tb, ib, n, d, scale, col, row, 2.0, 0.0)
-    leaves = [img.double().requires_grad_(), txt.double().requires_grad_()]
-    ref = torch.autograd.grad(contrastive_loss_ref(*leaves, torch.tensor(scale, dtype=torch.float64)), leaves)
-    for name, got, r in (("d_image", g_img, ref[0]), ("d_text", g_txt, ref[1])):
+    g_img, dot_img = bwd(lib, kind, ib, tb, n, d, scale, row, col, 2.0, 0.0)
+    g_txt, dot_txt = bwd(lib, kind, tb, ib, n, d, scale, col, row, 2.0, 0.0)
+    d_scale, d_scale_t = (np.array(dot.sum(dtype=np.float32) / (2 * n)) for dot in (dot_img, dot_txt))
+    leaves = [img.double().requires_grad_(), txt.double().requires_grad_(),
+              torch.tensor(scale, dtype=torch.float64, requires_grad=True)]
+    ref = torch.autograd.grad(contrastive_loss_ref(*leaves), leaves)
+    for name, got, r in (("d_image", coef * g_img, ref[0]), ("d_text", coef * g_txt, ref[1]),
+                         ("d_scale", d_scale, ref[2]), ("d_scale (text pass)", d_scale_t, ref[2])):
         err = rel_norm_err(torch.from_numpy(got), r)
         assert err <= 1e-2, f"{name}: relative norm error {err:.3e}"
 
@@ -352,9 +397,9 @@ def emulated_ops(lib, monkeypatch):
     def grad(a, b, scale, diag, a_stats, b_stats, diag_coef, uniform_coef):
         (kind, ab), (_, bb) = bits(a), bits(b)
         n, d = a.shape
-        g = bwd(lib, kind, ab, bb, n, d, float(scale), a_stats.numpy(), b_stats.numpy(), diag_coef, uniform_coef,
-                aligned(diag))
-        return torch.from_numpy(g).float()
+        g, dot = bwd(lib, kind, ab, bb, n, d, float(scale), a_stats.numpy(), b_stats.numpy(), diag_coef,
+                     uniform_coef, aligned(diag))
+        return torch.from_numpy(g).float(), torch.from_numpy(dot).float()
 
     monkeypatch.setattr(torch.ops.fastclip, "contrastive_stats_cuda", stats, raising=False)
     monkeypatch.setattr(torch.ops.fastclip, "contrastive_grad_cuda", grad, raising=False)
@@ -373,10 +418,12 @@ def test_backend_confident_regime(emulated_ops, kind, regime, n, d, ls):
     at d = 136 and 512, tests/helpers.py's confident ones (mean p_ii = 0.99999; trained features there put 1 - p_ii
     near 1e-17, below what the fp64 reference itself resolves next to logits of ~50). Loss (fp32, before the op casts
     it to the features' dtype) within 1% of fp64: it is ~1e-5 .. 1e-7 next to logits of ~50, so lse - S_ii, a sum
-    formed as 1 + rest, or a diagonal logit rounded differently from the row's max would be all rounding. Feature
-    gradients of GRAD_SCALE * loss within 1% (relative norm), and all of them within flash-attn's rule against the naive same-dtype
-    maths (tests/test_regimes_losses.py's bounds). d = 136 and 512 split the backward's GEMM1 over 2 and 4 warps, so
-    a recomputed S_ii would round differently from the forward's."""
+    formed as 1 + rest, or a diagonal logit rounded differently from the row's max would be all rounding. Gradients
+    of GRAD_SCALE * loss (features and scale) within 1% (relative norm), and all of them within flash-attn's rule
+    against the naive same-dtype maths (tests/test_regimes_losses.py's bounds). d(scale) is a sum of terms
+    ds_ij <I_i, T_j> where ds = P + Q - 2 nearly cancels: formed from the gradient (whose GEMM rounds ds to bf16) it
+    was 1-3% off in bf16. d = 136 and 512 split the backward's GEMM1 over 2 and 4 warps, so a recomputed S_ii would
+    round differently from the forward's."""
     import torch
 
     from fastclip.ops.contrastive import cuda
@@ -404,7 +451,6 @@ def test_backend_confident_regime(emulated_ops, kind, regime, n, d, ls):
     assert_within_naive("loss", loss, hi_loss, (lo_loss.double() - hi_loss).abs().item(), factor=2, atol=4 * u * 100)
     for name, g, h, low in zip(("d_image", "d_text", "d_scale"), grads, hi_grads, lo_grads):
         assert g.dtype == dtype and g.shape == h.shape and torch.isfinite(g).all()
-        if name != "d_scale":  # (bf16 rounds ds before the sums d_scale is formed from: 1-3% here, 3x below naive)
-            assert rel_norm_err(g, h) <= 1e-2, f"{name}: relative norm error {rel_norm_err(g, h):.3e}"
+        assert rel_norm_err(g, h) <= 1e-2, f"{name}: relative norm error {rel_norm_err(g, h):.3e}"
         assert_within_naive(name, g, h, (low.double() - h).abs().max().item(), factor=3,
                             atol=4 * u * (1 + h.abs().max().item()))

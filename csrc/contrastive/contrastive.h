@@ -35,10 +35,13 @@ struct ContrastiveFwdParams {
 // where t_ij = scale * log2(e) * <a_i, b_j> (t_ii = diag[i]), lse2_x[k] = x_stats[k] + x_stats[n + k] with
 // x_stats[n + k] = log2(1 + rest) (from log1p, exact for a tiny rest). On the diagonal ds_ii is formed as
 // (2^(t_ii - lse2_a) - 1) + (2^(t_ii - lse2_b) - 1) + (2 - diag_coef) - uniform_coef with an accurate expm1: each
-// term is ~1 - p_ii, which 2^x - 1 would round away. The caller scales grad_a by scale * grad_loss / (2n) and forms
-// d(scale) from it. ds is rounded to the input type before the second GEMM, after the subtraction (near one-hot
-// rows keep their precision); in fp16 2^14 ds is rounded (and the fp32 sums scaled back), so that ds down to ~1e-12
-// is not flushed to zero.
+// term is ~1 - p_ii, which 2^x - 1 would round away. ds is rounded to the input type before the second GEMM, after
+// the subtraction (near one-hot rows keep their precision); in fp16 2^14 ds is rounded (and the fp32 sums scaled
+// back), so that ds down to ~1e-12 is not flushed to zero. The caller scales grad_a by scale * grad_loss / (2n).
+//   ds_dot[i] = sum_j ds_ij <a_i, b_j>              (fp32, (n); skipped when ds_dot is null)
+// with ds in fp32 before that rounding and <a_i, b_j> the first GEMM's fp32 sum: the caller forms
+// d(scale) = grad_loss / (2n) * sum_i ds_dot[i] from it. (sum_i <a_i, grad_a_i> is the same sum, but over the
+// rounded ds: P + Q - 2 nearly cancels in a confident row, and bf16's 2^-8 of it is 1-3% of d(scale).)
 struct ContrastiveBwdParams {
   const uint16_t* a;
   const uint16_t* b;
@@ -51,6 +54,7 @@ struct ContrastiveBwdParams {
   float diag_coef;       // 2 * (1 - label_smoothing)
   float uniform_coef;    // 2 * label_smoothing / n
   float* grad_a;         // (n, d) fp32 output, fully overwritten
+  float* ds_dot;         // (n) fp32 output, fully overwritten, or null
 };
 
 const char* contrastive_fwd_fp16(const ContrastiveFwdParams& p, void* stream);

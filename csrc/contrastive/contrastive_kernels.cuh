@@ -27,6 +27,9 @@
 //          2048-wide configs (BN = 16 < 8 NW): every warp forms the row group's whole 16 x BN ds (NW-fold exp2 work:
 //          16 exp2 per element against the GEMMs' 4 d = 8192 FLOPs at d = 2048).
 //   GEMM2: acc (16 x slice, fp32 registers) += ds (16 x BN) @ b_tile[:, slice] (B fragments by ldmatrix .trans).
+//   ds_dot: each thread also sums ds * S over the entries it forms (fp32 ds before rounding, the full fp32 S), one
+//          FMA per entry; at the end the quad's sums are added by shuffles and, where the NW warps of a row group
+//          formed disjoint columns (SHARE), through shared memory in warp order. No atomics: deterministic.
 // grad_a is stored with 8-byte vector stores (the launcher checks grad_a's 8-byte alignment).
 #pragma once
 
@@ -345,6 +348,7 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
   for (int o = 0; o < NO; ++o)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[o][c] = 0.f;
+  float dot[2] = {0.f, 0.f};  // ds_dot of rows ra, ra + 8 over the entries this thread forms
 
   for (int cb = 0; cb < ncb; ++cb) {
     const int stage = STAGES == 2 ? (cb & 1) : 0;
@@ -375,16 +379,21 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
       }
     }
     // ---- ds = 2^(t - lse_a) + 2^(t - lse_b) - diag [i == j] - uniform in fp32, 0 outside the n x n matrix; on the
-    // diagonal t = the caller's t_ii and each p - 1 is one expm1 (~1 - p_ii: 2^x - 1 would round it away)
+    // diagonal t = the caller's t_ii and each p - 1 is one expm1 (~1 - p_ii: 2^x - 1 would round it away); ds S
+    // joins the row's ds_dot in fp32, and ds is returned as GEMM2 rounds it (times kDsUp: exact)
     const int col0 = cb * BN;
     auto ds_of = [&](float sv, int r, int row, int col, bool cvalid, float mb, float lb) {
       if (!cvalid || row >= n) return 0.f;
+      float ds;
       if (row == col) {
         const float t = p.diag[row];
-        return (fc::expm1_2((t - ma[r]) - la[r]) + fc::expm1_2((t - mb) - lb) + (2.f - diag) - uniform) * kDsUp<T>;
+        ds = fc::expm1_2((t - ma[r]) - la[r]) + fc::expm1_2((t - mb) - lb) + (2.f - diag) - uniform;
+      } else {
+        const float t = sv * scale2;
+        ds = fc::exp2_approx((t - ma[r]) - la[r]) + fc::exp2_approx((t - mb) - lb) - uniform;
       }
-      const float t = sv * scale2;
-      return (fc::exp2_approx((t - ma[r]) - la[r]) + fc::exp2_approx((t - mb) - lb) - uniform) * kDsUp<T>;
+      dot[r] += ds * sv;
+      return ds * kDsUp<T>;
     };
     if (NW > 1) {  // publish this warp's partial S (its d slice) for the row group
 #pragma unroll
@@ -490,6 +499,29 @@ FC_GLOBAL void FC_LAUNCH_BOUNDS(32 * MW * NW) contrastive_bwd_kernel(Contrastive
             Float2{acc[o][2 * r] * down, acc[o][2 * r + 1] * down};
       }
     }
+
+  // ---- ds_dot: the quad's 4 lanes, then (SHARE: the NW warps of a row group formed disjoint columns) the row
+  // group's warps in order through spart, free since the last iteration's sds barrier. Otherwise each warp of the
+  // row group holds the whole sum and warp nw = 0 stores it.
+  if (p.ds_dot == nullptr) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) dot[r] = fc::warp_reduce_sum4(dot[r]);
+  if constexpr (C::SHARE) {
+    if (tq == 0) {
+      spart[warp * 16 + g] = dot[0];
+      spart[warp * 16 + g + 8] = dot[1];
+    }
+    fc::sync_threads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      dot[r] = 0.f;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) dot[r] += spart[(mw * NW + w) * 16 + g + 8 * r];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    if (nw == 0 && tq == 0 && ra + 8 * r < n) p.ds_dot[ra + 8 * r] = dot[r];
 }
 
 // ------------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ const char* fc_contrastive_fwd(int bf16, const uint16_t* image, const uint16_t* 
 
 const char* fc_contrastive_bwd(int bf16, const uint16_t* a, const uint16_t* b, int64_t a_stride, int64_t b_stride,
                                int n, int d, const float* scale, const float* diag, const float* a_stats,
-                               const float* b_stats, float diag_coef, float uniform_coef, float* grad_a) {
+                               const float* b_stats, float diag_coef, float uniform_coef, float* grad_a,
+                               float* ds_dot) {
   fastclip::ContrastiveBwdParams p{};
   p.a = a;
   p.b = b;
@@ -39,6 +40,7 @@ const char* fc_contrastive_bwd(int bf16, const uint16_t* a, const uint16_t* b, i
   p.diag_coef = diag_coef;
   p.uniform_coef = uniform_coef;
   p.grad_a = grad_a;
+  p.ds_dot = ds_dot;
   return bf16 ? fastclip::contrastive_bwd_bf16(p, nullptr) : fastclip::contrastive_bwd_fp16(p, nullptr);
 }
 

@@ -77,7 +77,7 @@ def _register_fakes() -> None:  # once: _load() caches its outcome
 
     @torch.library.register_fake("fastclip::contrastive_grad_cuda")
     def _(a, b, scale, diag, a_stats, b_stats, diag_coef, uniform_coef):
-        return a.new_empty(a.shape, dtype=torch.float32)
+        return a.new_empty(a.shape, dtype=torch.float32), a.new_empty((a.shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake("fastclip::flash_attn_fwd_cuda")
     def _(q, k, v, key_padding_mask, causal, softmax_scale):
