@@ -32,7 +32,8 @@ Kernels
   every column block: S tile (GEMM 1), dL/dS tile in fp32, acc += G @ B_j[:, slice] (GEMM 2). Where D fits one
   slice (BLOCK_K = BLOCK_D), A's rows stay resident and each B tile is loaded once for both GEMMs. Launched twice,
   for dI (A=I, B=T) and for dT (A=T, B=I, with r and c swapped): no atomics, deterministic. The dI launch also
-  reduces d(logit_scale) = sum_i <A_i, dL/dS_i: B>. FLOPs: forward 2 N^2 D, backward 8 N^2 D (plus one GEMM 1 per
+  reduces d(logit_scale) = sum_ij dL/dS_ij <A_i, B_j> from the fp32 tiles (not from the gradient, whose GEMM takes
+  dL/dS rounded to the input dtype: where the model is confident its P + Q - 2 nearly cancels). FLOPs: forward 2 N^2 D, backward 8 N^2 D (plus one GEMM 1 per
   extra D slice).
 
 Tiles: one table per kernel (``FWD_CONFIGS``, ``BWD_CONFIGS``), which the launchers read after the tuned table
@@ -182,7 +183,7 @@ def _contrastive_bwd_kernel(
     A, B, SCALE, BIAS, GRAD,               # features (N, D); 0-d scale, bias, upstream gradient
     STATS_A, STATS_B,                      # (2, N) fp32 (max, log2-sum), base 2: of A's rows of S and of B's
     DIAG,                                  # (N,) fp32: <A_i, B_i>, as the forward used it
-    DA, DSCALE_PART,                       # (N, D) out in A's dtype; (cdiv(N, BLOCK_M), cdiv(D, BLOCK_D)) fp32 out
+    DA, DSCALE_PART,                       # (N, D) out in A's dtype; (cdiv(N, BLOCK_M),) fp32 out
     N, D, label_smoothing,
     stride_am, stride_ak, stride_bn, stride_bk, stride_dam, stride_dak,
     HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_DSCALE: tl.constexpr, ONE_SLICE: tl.constexpr,
@@ -212,6 +213,7 @@ def _contrastive_bwd_kernel(
     a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ak, mask=mask_md, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j G_ij <A_i, B_j>, G in fp32 (COMPUTE_DSCALE)
     for jb in tl.range(0, tl.cdiv(N, BLOCK_N), num_stages=NUM_STAGES):
         offs_n = jb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -219,11 +221,11 @@ def _contrastive_bwd_kernel(
         b = tl.load(B + cols[:, None] * stride_bn + offs_d[None, :] * stride_bk,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D), for both GEMMs
         if ONE_TILE:
-            s = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)
+            ab = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)  # <A_i, B_j>
         else:
-            s = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
-                             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-        s = s * scale2 + bias2
+            ab = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
+                              BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        s = ab * scale2 + bias2
         on_diagonal = (jb * BLOCK_N < row0 + BLOCK_M) & (jb * BLOCK_N + BLOCK_N > row0)
         if on_diagonal:
             s = _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2)
@@ -239,13 +241,15 @@ def _contrastive_bwd_kernel(
         if HAS_SMOOTHING:
             g = g - 2.0 * label_smoothing / N
         g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
+        if COMPUTE_DSCALE:
+            dscale += tl.sum(g * ab, axis=1)
         acc = tl.dot(g.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
 
     coef = tl.load(GRAD).to(tl.float32) / (2.0 * N)
     if COMPUTE_DSCALE:
-        # d(logit_scale) = sum_ij dL/dS_ij <A_i, B_j> = coef * sum_i <A_i, acc_i>, this slice's share
-        tl.store(DSCALE_PART + pid * tl.num_programs(1) + pid_d,
-                 coef * tl.sum(tl.sum(a.to(tl.float32) * acc, axis=1), axis=0))
+        # d(logit_scale) = coef * sum_ij G_ij <A_i, B_j>, this row block's share (every D slice has the whole S)
+        if pid_d == 0:
+            tl.store(DSCALE_PART + pid, coef * tl.sum(dscale, axis=0))
     da = acc * (coef * scale)
     tl.store(DA + rows[:, None] * stride_dam + offs_d[None, :] * stride_dak, da.to(DA.dtype.element_ty),
              mask=mask_md)
@@ -401,7 +405,7 @@ def _bwd_one_side(grad, a, b, dots, scale_t, bias_t, has_bias, stats_a, stats_b,
     cfg = bwd_config(n, d, a.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
     da = torch.empty_like(a, memory_format=torch.contiguous_format)
-    part = torch.empty(grid if compute_dscale else 1, dtype=torch.float32, device=a.device)
+    part = torch.empty(grid[0] if compute_dscale else 1, dtype=torch.float32, device=a.device)
     _contrastive_bwd_kernel[grid](
         a, b, scale_t, bias_t, grad, stats_a, stats_b, dots, da, part,
         n, d, float(label_smoothing),
