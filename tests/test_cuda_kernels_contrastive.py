@@ -410,8 +410,8 @@ GRAD_SCALE = 2.0 ** 12  # a GradScaler-like loss scale: a confident loss's unsca
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("regime,n,d,ls", [("trained", 33, 64, 0.0), ("trained", 33, 64, 0.1),
-                                           ("confident", 40, 136, 0.1),
-                                           pytest.param("confident", 40, 512, 0.0, marks=pytest.mark.slow)])
+                                           ("confident", 40, 136, 0.0),
+                                           pytest.param("confident", 40, 512, 0.1, marks=pytest.mark.slow)])
 def test_backend_confident_regime(emulated_ops, kind, regime, n, d, ls):
     """The cuda backend (its Python over the emulated kernels) where a trained model puts the loss, against fp64 on
     the same rounded inputs: tests/regimes.py's trained features (p_ii from ~0.999 to 1 - 1e-12 at scale 100) and,
@@ -419,11 +419,13 @@ def test_backend_confident_regime(emulated_ops, kind, regime, n, d, ls):
     near 1e-17, below what the fp64 reference itself resolves next to logits of ~50). Loss (fp32, before the op casts
     it to the features' dtype) within 1% of fp64: it is ~1e-5 .. 1e-7 next to logits of ~50, so lse - S_ii, a sum
     formed as 1 + rest, or a diagonal logit rounded differently from the row's max would be all rounding. Gradients
-    of GRAD_SCALE * loss (features and scale) within 1% (relative norm), and all of them within flash-attn's rule
+    of GRAD_SCALE * loss within 1% (relative norm), d(scale) within 0.1%, and all of them within flash-attn's rule
     against the naive same-dtype maths (tests/test_regimes_losses.py's bounds). d(scale) is a sum of terms
     ds_ij <I_i, T_j> where ds = P + Q - 2 nearly cancels: formed from the gradient (whose GEMM rounds ds to bf16) it
-    was 1-3% off in bf16. d = 136 and 512 split the backward's GEMM1 over 2 and 4 warps, so a recomputed S_ii would
-    round differently from the forward's."""
+    was 0.2-3.5% off in bf16 without label smoothing (0.95% for the d = 136 case here); from the kernel's fp32 ds_dot
+    it is within ~1e-5. The scale is fp32, as open_clip keeps logit_scale under autocast: d(scale) is then the
+    kernels' own result (in fp16 it can be ~1e-6 GRAD_SCALE, subnormal there). d = 136 and 512 split the
+    backward's GEMM1 over 2 and 4 warps, so a recomputed S_ii would round differently from the forward's."""
     import torch
 
     from fastclip.ops.contrastive import cuda
@@ -436,12 +438,12 @@ def test_backend_confident_regime(emulated_ops, kind, regime, n, d, ls):
         img, txt = (x.detach() for x in trained_features(n, d, dtype))
     else:
         img, txt = confident_features(n, d, dtype, mean_p=0.99999, seed=d)
-    scale = torch.tensor(100.0, dtype=dtype)
+    scale = torch.tensor(100.0)
     loss, row, col = cuda.contrastive_fwd(img, txt, scale, None, ls, None)
     grads = cuda.contrastive_bwd(torch.tensor(GRAD_SCALE), img, txt, scale, None, row, col, ls, None)
 
     hi = [img.double().requires_grad_(), txt.double().requires_grad_(), scale.double().requires_grad_()]
-    lo = [img.clone().requires_grad_(), txt.clone().requires_grad_(), scale.clone().requires_grad_()]
+    lo = [img.clone().requires_grad_(), txt.clone().requires_grad_(), scale.to(dtype).requires_grad_()]
     hi_loss, lo_loss = contrastive_spec(*hi, label_smoothing=ls), contrastive_spec(*lo, label_smoothing=ls)
     hi_grads = torch.autograd.grad(hi_loss * GRAD_SCALE, hi)
     lo_grads = torch.autograd.grad(lo_loss * GRAD_SCALE, lo)
@@ -449,8 +451,9 @@ def test_backend_confident_regime(emulated_ops, kind, regime, n, d, ls):
     assert abs(loss.double() - hi_loss).item() <= 1e-2 * hi_loss.item(), (loss.item(), hi_loss.item())
     u = unit_roundoff(dtype)
     assert_within_naive("loss", loss, hi_loss, (lo_loss.double() - hi_loss).abs().item(), factor=2, atol=4 * u * 100)
-    for name, g, h, low in zip(("d_image", "d_text", "d_scale"), grads, hi_grads, lo_grads):
-        assert g.dtype == dtype and g.shape == h.shape and torch.isfinite(g).all()
-        assert rel_norm_err(g, h) <= 1e-2, f"{name}: relative norm error {rel_norm_err(g, h):.3e}"
+    for name, g, h, low, leaf in zip(("d_image", "d_text", "d_scale"), grads, hi_grads, lo_grads, (img, txt, scale)):
+        assert g.dtype == leaf.dtype and g.shape == h.shape and torch.isfinite(g).all()
+        bound = 1e-3 if name == "d_scale" else 1e-2
+        assert rel_norm_err(g, h) <= bound, f"{name}: relative norm error {rel_norm_err(g, h):.3e}"
         assert_within_naive(name, g, h, (low.double() - h).abs().max().item(), factor=3,
                             atol=4 * u * (1 + h.abs().max().item()))

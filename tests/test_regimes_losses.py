@@ -9,7 +9,7 @@
 Bounds: flash-attn's rule, err <= 2x (loss) / 3x (gradients) the error of the same maths done naively in the
 inputs' dtype, plus an atol of a few units of roundoff times the logits' size (that naive fp32/fp16 gets some
 results exactly, not that the kernels may be off by more). Beyond it, in the trained regime: d(logit_scale) (and
-SigLIP's d(logit_bias)) within 1% of fp64 in fp16 and bf16.
+SigLIP's d(logit_bias)) within 0.1% of fp64 in fp16 and bf16 (measured: within 1e-5).
 """
 import pytest
 import torch
@@ -21,7 +21,6 @@ from .regimes import contrastive_spec, extreme_siglip_inputs, runnable_backends,
 
 N, D = 33, 64
 DTYPES = [torch.float32, torch.float16]
-GRAD_SCALE = 2.0 ** 12  # a GradScaler-like loss scale: unscaled, a confident loss's fp16 gradients are subnormal
 
 
 def _cases(op):
@@ -78,21 +77,24 @@ def _half_cases(op):
 
 
 def _scalar_grads(loss_fn, spec, img, txt, scalars):
-    """(grads of GRAD_SCALE * loss_fn(img, txt, *scalars) for the scalars, the same of spec in fp64)."""
-    leaves = [torch.tensor(v, dtype=img.dtype, requires_grad=True) for v in scalars]
-    got = torch.autograd.grad(loss_fn(img, txt, *leaves) * GRAD_SCALE, leaves)
+    """(grads of loss_fn(img, txt, *scalars) for the scalars, the same of spec in fp64). The scalars are fp32 leaves,
+    as open_clip keeps logit_scale and logit_bias under autocast: their gradients are then the kernels' own result,
+    not rounded to fp16, where a confident contrastive loss's d(logit_scale) (down to ~1e-10) is subnormal."""
+    leaves = [torch.tensor(v, requires_grad=True) for v in scalars]
+    got = torch.autograd.grad(loss_fn(img, txt, *leaves), leaves)
     hi = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in scalars]
-    ref = torch.autograd.grad(spec(img.double(), txt.double(), *hi) * GRAD_SCALE, hi)
+    ref = torch.autograd.grad(spec(img.double(), txt.double(), *hi), hi)
     return got, ref
 
 
 @pytest.mark.parametrize("dtype,backend", _half_cases("contrastive_loss"))
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_contrastive_trained_regime_logit_scale(dtype, backend, smoothing):
-    """d(logit_scale) = sum_ij dL/dS_ij <I_i, T_j> within 1% of fp64 on the same rounded inputs. On a confident row
-    dL/dS ~ P + Q - 2 nearly cancels, so the sum must be reduced in fp32 from the unrounded dL/dS: formed from the
-    feature gradient, whose GEMM takes dL/dS rounded to fp16/bf16, it was 1.5% off (Triton, fp16) to 3% (CUDA, bf16).
-    (The CUDA kernels' own check is in tests/test_cuda_kernels_contrastive.py.)"""
+    """d(logit_scale) = sum_ij dL/dS_ij <I_i, T_j> within 0.1% of fp64 on the same rounded inputs (the 1% criterion
+    with room: measured within 1e-5). On a confident row dL/dS ~ P + Q - 2 nearly cancels, so the sum must be
+    reduced in fp32 from the unrounded dL/dS: formed from the feature gradient, whose GEMM takes dL/dS rounded to
+    the input dtype, it was 2-9% off (Triton, fp16, no smoothing). The cuda backend's check, on its emulated
+    kernels, is tests/test_cuda_kernels_contrastive.py::test_backend_confident_regime."""
     img, txt = (x.detach() for x in trained_features(N, D, dtype))
 
     def fast(i, t, s):
@@ -102,13 +104,13 @@ def test_contrastive_trained_regime_logit_scale(dtype, backend, smoothing):
         return contrastive_spec(i, t, s, label_smoothing=smoothing)
 
     (got,), (ref,) = _scalar_grads(fast, spec, img, txt, [100.0])
-    assert got.dtype == dtype and rel_norm_err(got, ref) <= 1e-2, (got.item(), ref.item())
+    assert got.dtype == torch.float32 and rel_norm_err(got, ref) <= 1e-3, (got.item(), ref.item())
 
 
 @pytest.mark.parametrize("dtype,backend", _half_cases("siglip_loss"))
 def test_siglip_trained_regime_scale_and_bias(dtype, backend):
-    """SigLIP's d(logit_scale) and d(logit_bias) within 1% of fp64 in the trained regime (scale 100, bias -10: the
-    positives' sigmoid(S_ii) - 1 and the negatives' sigmoid(S_ij) are both tiny, summed over N^2 pairs)."""
+    """SigLIP's d(logit_scale) and d(logit_bias) within 0.1% of fp64 in the trained regime (scale 100, bias -10: the
+    positives' sigmoid(S_ii) - 1 are tiny, next to N^2 negatives' sigmoid(S_ij))."""
     img, txt = (x.detach() for x in trained_features(N, D, dtype))
 
     def fast(i, t, s, b):
@@ -116,7 +118,7 @@ def test_siglip_trained_regime_scale_and_bias(dtype, backend):
 
     got, ref = _scalar_grads(fast, siglip_spec, img, txt, [100.0, -10.0])
     for name, g, r in zip(("d_scale", "d_bias"), got, ref):
-        assert g.dtype == dtype and rel_norm_err(g, r) <= 1e-2, (name, g.item(), r.item())
+        assert g.dtype == torch.float32 and rel_norm_err(g, r) <= 1e-3, (name, g.item(), r.item())
 
 
 def test_trained_regime_is_confident():
