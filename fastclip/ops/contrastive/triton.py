@@ -213,7 +213,11 @@ def _contrastive_bwd_kernel(
     a = tl.load(A + rows[:, None] * stride_am + offs_d[None, :] * stride_ak, mask=mask_md, other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j G_ij <A_i, B_j>, G in fp32 (COMPUTE_DSCALE)
+    # COMPUTE_DSCALE: sum_j G_ij <A_i, B_j> from G in fp32, as sum_j G_ij (S_ij - b) / s off the diagonal (no
+    # second tile of logits kept) plus G_ii <A_i, B_i> with <A_i, B_i> from DIAG
+    gs_off = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j G_ij S_ij, j != i
+    g_off = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j G_ij, j != i (HAS_BIAS)
+    g_dot_ii = tl.zeros((BLOCK_M,), dtype=tl.float32)  # G_ii <A_i, B_i>
     for jb in tl.range(0, tl.cdiv(N, BLOCK_N), num_stages=NUM_STAGES):
         offs_n = jb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -221,11 +225,11 @@ def _contrastive_bwd_kernel(
         b = tl.load(B + cols[:, None] * stride_bn + offs_d[None, :] * stride_bk,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D), for both GEMMs
         if ONE_TILE:
-            ab = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)  # <A_i, B_j>
+            s = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION)
         else:
-            ab = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
-                              BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-        s = ab * scale2 + bias2
+            s = _logits_tile(A, B, rows, cols, mask_m, mask_n, D, stride_am, stride_ak, stride_bn, stride_bk,
+                             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        s = s * scale2 + bias2
         on_diagonal = (jb * BLOCK_N < row0 + BLOCK_M) & (jb * BLOCK_N + BLOCK_N > row0)
         if on_diagonal:
             s = _with_diagonal(s, DIAG, offs_m, offs_n, mask_m, scale2, bias2)
@@ -234,21 +238,31 @@ def _contrastive_bwd_kernel(
         t_a = (s - m_a[:, None]) - ls_a[:, None]  # log2 P
         t_b = (s - m_b[None, :]) - ls_b[None, :]  # log2 Q
         g = tl.exp2(t_a) + tl.exp2(t_b)
-        if on_diagonal:
-            # the targets: (P_ii - 1) + (Q_ii - 1) + 2 eps, in fp32 before any rounding
-            g = tl.where(offs_m[:, None] == offs_n[None, :],
-                         _expm1_2(t_a) + _expm1_2(t_b) + 2.0 * label_smoothing, g)
         if HAS_SMOOTHING:
             g = g - 2.0 * label_smoothing / N
         g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
         if COMPUTE_DSCALE:
-            dscale += tl.sum(g * ab, axis=1)
+            off = offs_m[:, None] != offs_n[None, :]
+            gs_off += tl.sum(tl.where(off, g * s, 0.0), axis=1)
+            if HAS_BIAS:
+                g_off += tl.sum(tl.where(off, g, 0.0), axis=1)
+        if on_diagonal:
+            # the targets: (P_ii - 1) + (Q_ii - 1) + 2 eps, in fp32 before any rounding
+            on_ii = (offs_m[:, None] == offs_n[None, :]) & mask_m[:, None]
+            g_ii = _expm1_2(t_a) + _expm1_2(t_b) + 2.0 * label_smoothing
+            if HAS_SMOOTHING:
+                g_ii = g_ii - 2.0 * label_smoothing / N
+            g = tl.where(on_ii, g_ii, g)
+            if COMPUTE_DSCALE:
+                g_dot_ii += tl.sum(tl.where(on_ii, g_ii, 0.0), axis=1) * tl.load(DIAG + offs_m, mask=mask_m, other=0.0)
         acc = tl.dot(g.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
 
     coef = tl.load(GRAD).to(tl.float32) / (2.0 * N)
     if COMPUTE_DSCALE:
-        # d(logit_scale) = coef * sum_ij G_ij <A_i, B_j>, this row block's share (every D slice has the whole S)
+        # d(logit_scale) = coef * sum_ij G_ij <A_i, B_j>, this row block's share (every D slice has the whole S). At
+        # scale 0 this divides by 0: the launcher replaces it then.
         if pid_d == 0:
+            dscale = (gs_off - bias2 * g_off) / scale2 + g_dot_ii
             tl.store(DSCALE_PART + pid, coef * tl.sum(dscale, axis=0))
     da = acc * (coef * scale)
     tl.store(DA + rows[:, None] * stride_dam + offs_d[None, :] * stride_dak, da.to(DA.dtype.element_ty),
@@ -428,4 +442,9 @@ def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
                                      label_smoothing, compute_dscale=True)
     d_text, _ = _bwd_one_side(grad_t, text, image, dots, scale_t, bias_t, bias is not None, col_stats, row_stats,
                               label_smoothing, compute_dscale=False)
+    # The kernel recovers <A_i, B_j> as (S_ij - b) / s, which scale 0 cannot: there P = Q = 1/N, G = 2 (1 - eps)
+    # (1/N - I) and sum_ij G_ij <A_i, B_j> = 2 (1 - eps) (<sum_i A_i, sum_j B_j> / N - sum_i <A_i, B_i>).
+    n = image.shape[0]
+    at_zero = (grad_t / n) * (1.0 - label_smoothing) * (image.float().sum(0) @ text.float().sum(0) / n - dots.sum())
+    d_scale = torch.where(scale_t.float() == 0, at_zero, d_scale)
     return d_image, d_text, d_scale.reshape(scale.shape).to(scale.dtype)
