@@ -161,6 +161,38 @@ def test_torch_late_tiles_merge_exactly(k, block_q, block_g):
     assert torch.equal(i, _ref(q[:4], g, k)[1])
 
 
+@pytest.mark.parametrize("order", ["random", "ascending", "descending"])
+def test_torch_threshold_skips_exactly(order):
+    """The torch backend reduces only the rows whose tile maximum beats their k-th score: every row each tile
+    (scores ascending along the gallery), no row after the first tile (descending), or some rows (random), with
+    ties at the threshold, a NaN query (NaN k-th score) and a NaN gallery row that only the last tile holds."""
+    from fastclip.ops.topk import pytorch
+
+    q = _integer_features(50, 4, -3, 4)
+    g = _integer_features(2000, 4, -3, 4)
+    if order != "random":
+        key = g @ q[0]  # the scores of query 0 sorted along the gallery
+        g = g[key.argsort(descending=order == "descending", stable=True)]
+    q[7] = float("nan")
+    g[1990, 2] = float("nan")
+    k = 9
+    ref_v, ref_i = _ref(q, g, k)
+    for block_q, block_g in [(50, 100), (16, 37), (50, 2000)]:
+        v, i = pytorch.topk_similarity(q, g, k, block_q=block_q, block_g=block_g)
+        assert torch.equal(i, ref_i)
+        torch.testing.assert_close(v, ref_v, equal_nan=True, atol=0, rtol=0)
+
+
+def test_torch_may_change():
+    from fastclip.ops.topk.pytorch import may_change
+
+    nan = float("nan")
+    scores = torch.tensor([[1.0, 2.0], [1.0, 3.0], [nan, 0.0], [nan, 0.0], [-0.0, 0.0], [1.0, 1.0]])
+    kth = torch.tensor([2.0, 2.0, 5.0, nan, 0.0, float("-inf")])
+    # a tie at the k-th score cannot enter (higher index); NaN enters above a number, not above NaN; -0 == +0
+    assert may_change(scores, kth).tolist() == [1, 2, 5]
+
+
 def test_memmap_gallery_fp16(tmp_path):
     import numpy as np
 
