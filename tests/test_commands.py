@@ -25,8 +25,8 @@ def setup(tmp_path_factory):
     return root, images, ckpt
 
 
-def _embed(paths):
-    model = tiny_model()
+def _embed(paths, model=None):
+    model = model or tiny_model()
     pre = fastclip.image_transform(32)
     from PIL import Image
 
@@ -190,7 +190,7 @@ def test_run_folder(setup, tmp_path, capsys, monkeypatch):
     import types
 
     root, images, ckpt = setup
-    train_models = types.SimpleNamespace(TINY_MODELS={"tiny-test": {}}, build_model=lambda name: tiny_model(seed=1))
+    train_models = types.SimpleNamespace(TINY_MODELS={"tiny-test": {}}, build_model=lambda name, siglip: tiny_model(seed=1))
     monkeypatch.setitem(sys.modules, "fastclip.train", types.SimpleNamespace(models=train_models))
     monkeypatch.setitem(sys.modules, "fastclip.train.models", train_models)
     run = tmp_path / "run"
@@ -227,3 +227,45 @@ def test_run_folder_of_fastclip_train(setup, tmp_path, capsys):
     assert main(["classify", path, "--labels", "red circle,blue square", "--run", str(run), "--json"]) == 0
     probs = json.loads(capsys.readouterr().out)
     assert len(probs) == 1 and "red circle" in json.dumps(probs)
+
+
+def test_run_folder_of_a_siglip_run(setup, tmp_path, capsys):
+    """``--run`` on a ``fastclip train --loss siglip`` run: the model is built with SigLIP's logit_bias and gets the
+    run's weights, bias included; search ranks by cosine, classify gives sigmoid(scale * cosine + bias)."""
+    from fastclip.cli import main as cli_main
+    from fastclip.train.models import build_model
+
+    root, images, _ = setup
+    run = str(tmp_path / "siglip-run")
+    assert cli_main(["train", "--data", "synthetic", "--model", "tiny", "--loss", "siglip", "--batch-size", "8",
+                     "--steps", "2", "--eval-every", "0", "--eval-samples", "24", "--out", run]) == 0
+    model = build_model("tiny", siglip=True)
+    model.load_state_dict(torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=False)["state_dict"])
+    model.eval()
+    assert model.logit_bias.item() != -10.0  # trained away from SigLIP's initial bias
+
+    index = str(tmp_path / "idx")
+    assert main(["index", str(root / "images"), "--out", index, "--run", run, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", index, "a red circle", "--top", "6", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    from fastclip.commands.index import load_index
+
+    _, _, paths = load_index(index)
+    emb = _embed(paths, model)
+    with torch.no_grad():
+        q = model.encode_text(fastclip.tokenize(["a red circle"], context_length=model.context_length), normalize=True)
+    ref = (q @ emb.T)[0].double()
+    order = torch.sort(ref, descending=True, stable=True).indices[:6]
+    assert [h["path"] for h in hits] == [paths[i] for i in order]
+    torch.testing.assert_close(torch.tensor([h["score"] for h in hits]).double(), ref[order], atol=1e-5, rtol=0)
+
+    path = images["red_circle"][0]
+    assert main(["classify", path, "--labels", "red circle,blue square", "--template", "{}", "--run", run,
+                 "--json", "--top", "2"]) == 0
+    got = {x["label"]: x["prob"] for x in json.loads(capsys.readouterr().out)[0]["labels"]}
+    with torch.no_grad():
+        t = model.encode_text(fastclip.tokenize(["red circle", "blue square"], context_length=model.context_length),
+                              normalize=True)
+        want = (model.logit_scale.exp() * _embed([path], model) @ t.T + model.logit_bias).sigmoid()[0]
+    torch.testing.assert_close(torch.tensor([got["red circle"], got["blue square"]]), want, atol=1e-6, rtol=1e-5)
