@@ -323,11 +323,16 @@ def markdown(rows) -> str:
     def cfg(r):
         c = r["config"]
         tile = " x ".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D") if k in c)
+        if "BLOCK_TOP" in c:  # top-k: slots of the running top-k
+            tile += f", top {c['BLOCK_TOP']}"
+        if "BLOCK_D0" in c:  # attention: the head dim's column pieces
+            tile += f", d {c['BLOCK_D0']}" + (f" + {c['BLOCK_D1']}" if c["BLOCK_D1"] else "")
         return f"{tile}, {r['num_warps']} w, {r['num_stages']} st"
 
     failures = check_failures(rows)
     failed = {id(r): sorted(name for (_, name), rs in failures.items() for x in rs if x is r) for r in rows}
-    lines = ["| kernel | arch | dtype | flags | tile (M x N x K x D), warps, stages | regs | local B | smem KB | "
+    lines = ["| kernel | arch | dtype | flags | tile (M x N x K x D; top-k slots; head-dim pieces), warps, stages | "
+             "regs | local B | smem KB | "
              "dots (wgmma) | HGMMA | HMMA | cp.async | fails |", "|" + "---|" * 13]
     for r in sorted(rows, key=lambda r: (r["kernel"], -r["arch"], r["dtype"], sorted(r["config"].items()))):
         flags = ", ".join(k.lower() for k, v in r["flags"].items() if v) or "-"
