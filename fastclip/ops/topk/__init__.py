@@ -114,7 +114,7 @@ def topk_similarity(queries: Tensor, gallery: Tensor, k: int, *, backend: str = 
         gallery: (G, D), same dtype and D; on the queries' device, or on the CPU with the queries on a GPU, in
             which case it is moved to the GPU ``gallery_chunk`` rows at a time (default: about 1 GiB), so it may be
             larger than the GPU's memory. A ``torch.from_numpy`` view of a memory-mapped array works.
-        k: 1 <= k <= G.
+        k: 1 <= k <= G (the ``triton`` backend takes k <= 128; ``auto`` picks ``torch`` above).
         backend: "auto", "reference", "torch" or "triton" (see ``python -m fastclip.info``).
         gallery_chunk: rows per chunk of the gallery (also on one device: bounds what a backend sees at once).
 
