@@ -411,3 +411,60 @@ def test_attention_hands_the_kernel_strided_views_of_one_packed_projection(monke
     assert q.stride() == k.stride() == v.stride() == (5 * 48, 48, 4, 1)
     assert v.data_ptr() - k.data_ptr() == k.data_ptr() - q.data_ptr() == 16 * q.element_size()
     assert kw["causal"] is True and kw["key_padding_mask"] is pad
+
+
+@pytest.mark.parametrize("ours, theirs", [(fct.VisionTransformer, oct.VisionTransformer),
+                                          (fct.TextTransformer, oct.TextTransformer),
+                                          (fct.AttentionalPooler, oct.AttentionalPooler),
+                                          (fct.Transformer, oct.Transformer),
+                                          (fct.ResidualAttentionBlock, oct.ResidualAttentionBlock),
+                                          (fct.LayerScale, oct.LayerScale)])
+def test_defaults_equal_open_clips(ours, theirs):
+    """A drop-in: every argument both take has open_clip's default where open_clip has one (the LayerNorm classes
+    aside: fastclip's own)."""
+    import inspect
+
+    a, b = inspect.signature(ours).parameters, inspect.signature(theirs).parameters
+    shared = [n for n in a if n in b and n != "norm_layer" and b[n].default is not inspect.Parameter.empty]
+    assert shared
+    for name in shared:
+        assert a[name].default == b[name].default, name
+
+
+def test_attn_impl_reaches_every_attention(monkeypatch):
+    """The towers' attn_impl (default "fastclip") is every attention's, the attentional pooler's included."""
+    import fastclip.functional as functional
+
+    calls, orig = [], functional.flash_attention
+    monkeypatch.setattr(functional, "flash_attention", lambda *a, **kw: calls.append(kw) or orig(*a, **kw))
+    vision = dict(_VISION, attentional_pool=True, attn_pooler_queries=3, attn_pooler_heads=2)
+    for tower in (fct.VisionTransformer(**vision), fct.TextTransformer(**_TEXT),
+                  fct.AttentionalPooler(16, 24, n_queries=3)):
+        impls = {m.attn_impl for m in tower.modules() if hasattr(m, "attn_impl")}
+        assert impls == {"fastclip"}, impls
+    vit = fct.VisionTransformer(**vision, attn_impl="sdpa")
+    assert {m.attn_impl for m in vit.modules() if hasattr(m, "attn_impl")} == {"sdpa"}
+    vit(torch.randn(1, 3, 32, 24))
+    assert not calls
+    fct.VisionTransformer(**vision)(torch.randn(1, 3, 32, 24))
+    assert len(calls) == 3  # two blocks and the pooler
+    assert fct.AttentionalPooler(16, 24, n_queries=3).attn.heads == 8  # open_clip's n_head
+
+
+def test_eot_key_padding_mask_on_the_texts_device():
+    text = torch.randint(0, 10, (2, 5), device="meta")
+    assert fct.eot_key_padding_mask(text).device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_towers_on_the_gpu_make_their_masks_and_draws_there():
+    """On CUDA (the CPU cannot tell devices apart): patch dropout's draws and the key masks (end-of-text, sdpa's
+    causal & padding) are made on the inputs' device."""
+    x = torch.randn(2, 1 + 6, 4, device="cuda")
+    out = fct.patch_dropout(x, 0.5, 1)
+    assert out.device == x.device and out.shape == (2, 4, 4)
+    text = _text_inputs().cuda()
+    assert fct.eot_key_padding_mask(text).device == text.device
+    ref, model = _pair(oct.TextTransformer(**_TEXT), fct.TextTransformer(**_TEXT, attn_impl="sdpa",
+                                                                         text_pad_mask=True))
+    assert_close("pooled", model.cuda()(text), ref.cuda()(text), rtol=1e-9, atol=1e-10)
