@@ -5,6 +5,7 @@ option, and the same seed gives the same initialization. Each test takes millise
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -217,6 +218,7 @@ VISION_OPTIONS = {
     "avg+final_ln_after_pool": dict(pool_type="avg", final_ln_after_pool=True),
     "sin_cos_2d": dict(image_size=24, patch_size=(8, 8), pos_embed_type="sin_cos_2d"),
     "rectangular patches": dict(patch_size=(8, 4)),  # a 4 x 6 grid
+    "norm eps": dict(norm_layer="eps"),
     "attentional_pool": dict(attentional_pool=True, attn_pooler_queries=3, attn_pooler_heads=2),
     "attentional_pool+avg": dict(attentional_pool=True, attn_pooler_queries=3, attn_pooler_heads=3,
                                  pool_type="avg", output_dim=24),
@@ -227,6 +229,8 @@ def _vision_kwargs(options: dict, fastclip_side: bool) -> dict:
     kw = {**_VISION, **options}
     if kw.get("act_layer") == "quickgelu":
         kw["act_layer"] = fct.QuickGELU if fastclip_side else oct.QuickGELU
+    if kw.get("norm_layer") == "eps":  # open_clip's norm_kwargs
+        kw["norm_layer"] = functools.partial(fct.LayerNorm if fastclip_side else oct.LayerNorm, eps=0.1)
     return kw
 
 
@@ -323,7 +327,15 @@ TEXT_OPTIONS = {
     "first+no_proj": dict(pool_type="first", proj_type="none"),
     "last+proj_bias": dict(pool_type="last", no_causal_mask=True, proj_bias=True),
     "none": dict(pool_type="none", output_dim=None),
+    "norm eps": dict(norm_layer="eps"),
 }
+
+
+def _text_kwargs(options: dict, fastclip_side: bool) -> dict:
+    kw = {**_TEXT, **options}
+    if kw.get("norm_layer") == "eps":  # open_clip's norm_kwargs
+        kw["norm_layer"] = functools.partial(fct.LayerNorm if fastclip_side else oct.LayerNorm, eps=0.1)
+    return kw
 
 
 def _text_inputs():
@@ -339,8 +351,9 @@ def _text_inputs():
 @pytest.mark.parametrize("options", list(TEXT_OPTIONS))
 def test_text_transformer_equals_open_clip(options, attn_impl):
     opts = TEXT_OPTIONS[options]
-    ref = oct.TextTransformer(**{**_TEXT, **opts}, output_tokens=True, use_pad_mask=opts.get("embed_cls", False))
-    ref, model = _pair(ref, fct.TextTransformer(**{**_TEXT, **opts}, attn_impl=attn_impl, output_tokens=True))
+    ref = oct.TextTransformer(**_text_kwargs(opts, False), output_tokens=True,
+                              use_pad_mask=opts.get("embed_cls", False))
+    ref, model = _pair(ref, fct.TextTransformer(**_text_kwargs(opts, True), attn_impl=attn_impl, output_tokens=True))
     text = _text_inputs()
     (pooled, tokens), (ref_pooled, ref_tokens) = model(text), ref(text)
     assert_close("pooled", pooled, ref_pooled, **TOL)
@@ -356,7 +369,8 @@ def test_text_transformer_equals_open_clip(options, attn_impl):
 @pytest.mark.parametrize("options", list(TEXT_OPTIONS))
 def test_text_transformer_init_equals_open_clip(options):
     opts = TEXT_OPTIONS[options]
-    _same_init(lambda: oct.TextTransformer(**{**_TEXT, **opts}), lambda: fct.TextTransformer(**{**_TEXT, **opts}))
+    _same_init(lambda: oct.TextTransformer(**_text_kwargs(opts, False)),
+               lambda: fct.TextTransformer(**_text_kwargs(opts, True)))
 
 
 @pytest.mark.parametrize("attn_impl", IMPLS)
