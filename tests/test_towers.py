@@ -325,6 +325,7 @@ TEXT_OPTIONS = {
     "argmax+ls": dict(ls_init_value=0.2),
     "embed_cls": dict(embed_cls=True, pad_id=0, proj_bias=True),
     "eos+bidirectional": dict(pool_type="eos", eos_id=7, no_causal_mask=True),
+    "eos, default id": dict(pool_type="eos"),
     "first+no_proj": dict(pool_type="first", proj_type="none"),
     "last+proj_bias": dict(pool_type="last", no_causal_mask=True, proj_bias=True),
     "none": dict(pool_type="none", output_dim=None),
@@ -342,7 +343,7 @@ def _text_kwargs(options: dict, fastclip_side: bool) -> dict:
 def _text_inputs():
     text = torch.randint(1, 30, (3, 9))
     text[0, 4], text[0, 5:] = 39, 0  # end-of-text (the largest id), then padding
-    text[1, 8] = 39
+    text[1, 8], text[1, 5] = 39, 2  # and the default eos id
     text[2, 2], text[2, 6], text[2, 3:] = 7, 7, 0  # eos id twice, padding
     text[2, 1] = 39
     return text
@@ -459,6 +460,26 @@ def test_defaults_equal_open_clips(ours, theirs):
     assert shared
     for name in shared:
         assert a[name].default == b[name].default, name
+
+
+def test_default_towers_equal_open_clips():
+    """Built with their defaults (on the meta device: no memory, no time), the towers hold open_clip's parameters
+    (names and shapes), heads and options."""
+    with torch.device("meta"):
+        pairs = [(fct.TextTransformer(), oct.TextTransformer()),
+                 (fct.VisionTransformer(224, 32, 64, 1, 2), oct.VisionTransformer(224, 32, 64, 1, 2, mlp_ratio=4.0)),
+                 (fct.VisionTransformer(224, 32, 64, 1, 2, attentional_pool=True),
+                  oct.VisionTransformer(224, 32, 64, 1, 2, 4.0, attentional_pool=True)),
+                 (fct.AttentionalPooler(64, 32), oct.AttentionalPooler(64, 32))]
+    for model, ref in pairs:
+        assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+        heads = [m.heads for m in model.modules() if isinstance(m, (fct.Attention, fct.CrossAttention))]
+        assert heads == [m.num_heads for m in ref.modules() if isinstance(m, nn.MultiheadAttention)]
+    text, ref = pairs[0]
+    for name in ("context_length", "vocab_size", "pad_id", "eos_id", "pool_type", "output_dim"):
+        assert getattr(text, name) == getattr(ref, name), name
+    assert not text.no_causal_mask and ref.attn_mask is not None  # causal
+    assert torch.equal(fct.LayerScale(4).gamma, oct.LayerScale(4).gamma)
 
 
 def test_attn_impl_reaches_every_attention(monkeypatch):
