@@ -503,8 +503,15 @@ def test_attn_impl_reaches_every_attention(monkeypatch):
 
 
 def test_eot_key_padding_mask_on_the_texts_device():
+    """(The meta device stands for a GPU here: mixing it with CPU tensors fails as CUDA does.)"""
     text = torch.randint(0, 10, (2, 5), device="meta")
     assert fct.eot_key_padding_mask(text).device.type == "meta"
+
+
+def test_sdpa_mask_on_the_inputs_device():
+    q = torch.randn(2, 5, 3, 8, device="meta")
+    pad = torch.zeros(2, 5, dtype=torch.bool, device="meta")
+    assert fct.attend(q, q, q, "sdpa", causal=True, key_padding_mask=pad).device.type == "meta"
 
 
 def test_mixed_precision_towers_equal_open_clips():
