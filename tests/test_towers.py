@@ -158,8 +158,12 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients():
     for block in ckpt.resblocks:
         block.register_forward_pre_hook(lambda m, args: calls.append(m))
     x = torch.randn(2, 5, 16, dtype=torch.float64)
-    model(x, causal=True).square().sum().backward()
-    ckpt(x, causal=True).square().sum().backward()
+    pad = torch.tensor([[False, False, False, True, True], [False] * 5])
+    out = model(x, causal=True, key_padding_mask=pad)
+    out.square().sum().backward()
+    out_ckpt = ckpt(x, causal=True, key_padding_mask=pad)
+    out_ckpt.square().sum().backward()
+    assert_close("checkpointed", out_ckpt, out, **TOL)
     assert len(calls) == 4  # each block's forward run again in backward
     for (n, p), q in zip(model.named_parameters(), ckpt.parameters()):
         assert_close(f"grad {n}", q.grad, p.grad, **TOL)
