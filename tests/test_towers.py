@@ -126,6 +126,15 @@ def test_attention_refuses_bad_arguments():
 # blocks
 
 
+def test_layer_norm_upcast_keeps_its_eps():
+    """fp32 weights, bf16 input: normalized in fp32 with the module's eps (open_clip's norm_kwargs), cast back."""
+    ln = fct.LayerNorm(8, eps=0.1)
+    _randomize(ln).float()
+    x = torch.randn(3, 8).bfloat16()
+    expected = torch.nn.functional.layer_norm(x.float(), (8,), ln.weight, ln.bias, 0.1).bfloat16()
+    assert torch.equal(ln(x), expected)
+
+
 def test_quick_gelu_and_layer_scale():
     x = torch.randn(4, 8, dtype=torch.float64)
     assert_close("QuickGELU", fct.QuickGELU()(x), oct.QuickGELU()(x), **TOL)
@@ -474,11 +483,15 @@ def test_default_towers_equal_open_clips():
                  (fct.VisionTransformer(224, 32, 64, 1, 2), oct.VisionTransformer(224, 32, 64, 1, 2, mlp_ratio=4.0)),
                  (fct.VisionTransformer(224, 32, 64, 1, 2, attentional_pool=True),
                   oct.VisionTransformer(224, 32, 64, 1, 2, 4.0, attentional_pool=True)),
-                 (fct.AttentionalPooler(64, 32), oct.AttentionalPooler(64, 32))]
+                 (fct.AttentionalPooler(64, 32), oct.AttentionalPooler(64, 32)),
+                 (fct.Transformer(64, 1, 2), oct.Transformer(64, 1, 2)),
+                 (fct.ResidualAttentionBlock(64, 2), oct.ResidualAttentionBlock(64, 2))]
     for model, ref in pairs:
         assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
         heads = [m.heads for m in model.modules() if isinstance(m, (fct.Attention, fct.CrossAttention))]
         assert heads == [m.num_heads for m in ref.modules() if isinstance(m, nn.MultiheadAttention)]
+        assert {m.attn_impl for m in model.modules() if hasattr(m, "attn_impl")} == {"fastclip"}
+    assert pairs[4][0].grad_checkpointing is False and not pairs[4][1].grad_checkpointing
     text, ref = pairs[0]
     for name in ("context_length", "vocab_size", "pad_id", "eos_id", "pool_type", "output_dim"):
         assert getattr(text, name) == getattr(ref, name), name
