@@ -233,6 +233,18 @@ def test_is_causal_without_mask(fused_calls):
     assert torch.equal(out_w, ref(x, x, x, attn_mask=mask)[0]) and w is not None
 
 
+def test_is_causal_without_mask_builds_it_on_the_inputs_device(monkeypatch):
+    """The causal mask handed to torch's path lives on the query's device (the meta device stands in for a GPU)."""
+    masks = []
+    forward = torch.nn.MultiheadAttention.forward
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward",
+                        lambda self, *a, **kw: masks.append(kw["attn_mask"]) or forward(self, *a, **kw))
+    mha = fastclip.nn.MultiheadAttention(16, 2, device="meta")
+    x = torch.randn(5, 2, 16, device="meta")
+    mha(x, x, x, is_causal=True)  # need_weights=True: torch's path
+    assert masks[0].device.type == "meta" and masks[0].shape == (5, 5), masks
+
+
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 @pytest.mark.parametrize("batch_first,kind", [(False, "causal-float+pad-bool"), (True, "pad-float")])
 def test_triton_fp32(batch_first, kind, fused_calls):
@@ -341,6 +353,23 @@ def test_bad_arguments():
     mha = fastclip.nn.MultiheadAttention(16, 2)
     with pytest.raises(AssertionError, match="16"):  # torch's own check, through torch's path
         mha(torch.randn(3, 1, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8), need_weights=False)
+
+
+def test_inputs_the_kernel_does_not_take_are_torchs(fused_calls):
+    """Query and key/value of different dtypes (which torch runs under autocast), key and value of different
+    shapes, a mask on another device than the inputs: torch's path, its result or its own error."""
+    ref = torch.nn.MultiheadAttention(E, H)
+    ours = fastclip.nn.MultiheadAttention.from_torch(ref, backend="torch")
+    q, kv = torch.randn(5, 2, E), torch.randn(7, 2, E).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours(q, kv, kv, need_weights=False)[0], ref(q, kv, kv, need_weights=False)[0])
+    with pytest.raises(AssertionError, match="does not match value shape"):
+        ours(q, torch.randn(7, 2, E), torch.randn(6, 2, E), need_weights=False)
+    meta = fastclip.nn.MultiheadAttention(E, H, device="meta")
+    x = torch.randn(5, 2, E, device="meta")
+    with pytest.raises(RuntimeError, match="not on the expected device"):
+        meta(x, x, x, need_weights=False, attn_mask=_causal(5, 5, "float", torch.float32))
+    assert not fused_calls
 
 
 def test_autocast_open_clip_text_layer(fused_calls):
