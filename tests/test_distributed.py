@@ -565,6 +565,31 @@ def test_local_contrastive_loss(chunk_size, dim, monkeypatch):
         _compare(name, a, r, 1e-10, 1e-13)
 
 
+def test_local_contrastive_loss_default_chunk_bounds_the_logits(monkeypatch):
+    """Without chunk_size a chunk of rows holds at most 2^22 logits: rows = 2^22 // N_global (the meta device: no
+    memory, no arithmetic)."""
+    from fastclip import distributed as D
+
+    n, m = 5, 1 << 20  # 4 rows per chunk
+    img, txt = torch.randn(n, 3, device="meta"), torch.randn(n, 3, device="meta")
+    all_img, all_txt = torch.randn(m, 3, device="meta"), torch.randn(m, 3, device="meta")
+    rows_done = []
+    logits = D._logits
+    monkeypatch.setattr(D, "_logits", lambda a, *args: rows_done.append(a.shape[0]) or logits(a, *args))
+    D.local_contrastive_loss(img, txt, all_img, all_txt, torch.tensor(10.0), None, rank=0)
+    assert rows_done == [4, 1, 4, 1], rows_done
+
+
+def test_local_contrastive_loss_zero_upstream_gradient():
+    """A loss weighted by 0 has zero gradients, all finite (the bias's, sum_ij dL/dS_ij, is 0 up to rounding)."""
+    from fastclip import distributed as D
+
+    img, txt, s, b = [t.requires_grad_() for t in _global_inputs(2, bias=-0.5, scale=9.0)]
+    loss = D.local_contrastive_loss(img[:N_LOCAL], txt[:N_LOCAL], img, txt, s, b, rank=0, chunk_size=2)
+    for g in torch.autograd.grad(loss, [img, txt, s, b], torch.zeros_like(loss)):
+        assert torch.equal(g, torch.zeros_like(g)), g
+
+
 def test_local_contrastive_loss_stays_on_the_features_device():
     """Every intermediate lives on the inputs' device (the meta device stands in for a GPU)."""
     from fastclip import distributed as D
@@ -573,6 +598,23 @@ def test_local_contrastive_loss_stays_on_the_features_device():
     loss = D.local_contrastive_loss(img[:N_LOCAL], txt[:N_LOCAL], img, txt, s, b, rank=0, chunk_size=2)
     grads = torch.autograd.grad(loss, [img, txt, s, b])
     assert loss.device.type == "meta" and all(g.device.type == "meta" for g in grads)
+
+
+@pytest.mark.gpu
+def test_local_contrastive_loss_on_the_gpu():
+    """On a GPU every accumulator lives on the features' device (the meta device above lets a CPU 0-d accumulator
+    through; CUDA refuses it): values and gradients as on the CPU, every gradient on the GPU."""
+    from fastclip import distributed as D
+
+    glob = _global_inputs(2, bias=-0.5, scale=9.0)
+    runs = []
+    for device in ("cpu", "cuda"):
+        img, txt, s, b = [t.to(device).requires_grad_() for t in glob]
+        loss = D.local_contrastive_loss(img[:N_LOCAL], txt[:N_LOCAL], img, txt, s, b, rank=0, chunk_size=2)
+        runs.append([loss, *torch.autograd.grad(loss, [img, txt, s, b])])
+    for name, cpu, gpu in zip(("loss", "d_image", "d_text", "d_scale", "d_bias"), *runs):
+        assert gpu.device.type == "cuda", name
+        _compare(name, gpu.cpu(), cpu, 1e-10, 1e-13)
 
 
 def test_not_initialized():
