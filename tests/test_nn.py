@@ -375,8 +375,11 @@ def test_gpu_bf16_vit_layer(fused_calls):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="multiple of num_heads"):
-        fastclip.nn.MultiheadAttention(15, 2)
+    for embed_dim, num_heads in [(15, 2), (0, 2), (-4, 2), (16, 0), (16, -2)]:
+        with pytest.raises(ValueError, match="positive multiple of num_heads"):
+            fastclip.nn.MultiheadAttention(embed_dim, num_heads)
+    for embed_dim, num_heads in [(1, 1), (16, 1)]:  # the smallest layers are valid
+        assert fastclip.nn.MultiheadAttention(embed_dim, num_heads).head_dim == embed_dim // num_heads
     mha = fastclip.nn.MultiheadAttention(16, 2)
     with pytest.raises(AssertionError, match="16"):  # torch's own check, through torch's path
         mha(torch.randn(3, 1, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8), need_weights=False)
