@@ -567,17 +567,17 @@ def test_local_contrastive_loss(chunk_size, dim, monkeypatch):
 
 def test_local_contrastive_loss_default_chunk_bounds_the_logits(monkeypatch):
     """Without chunk_size a chunk of rows holds at most 2^22 logits: rows = 2^22 // N_global (the meta device: no
-    memory, no arithmetic)."""
+    memory, no arithmetic). The loss comes back in the features' dtype (bf16 here; fp32 inside)."""
     from fastclip import distributed as D
 
     n, m = 5, 1 << 20  # 4 rows per chunk
-    img, txt = torch.randn(n, 3, device="meta"), torch.randn(n, 3, device="meta")
-    all_img, all_txt = torch.randn(m, 3, device="meta"), torch.randn(m, 3, device="meta")
+    img, txt, all_img, all_txt = (torch.randn(k, 3, device="meta", dtype=torch.bfloat16) for k in (n, n, m, m))
     rows_done = []
     logits = D._logits
     monkeypatch.setattr(D, "_logits", lambda a, *args: rows_done.append(a.shape[0]) or logits(a, *args))
-    D.local_contrastive_loss(img, txt, all_img, all_txt, torch.tensor(10.0), None, rank=0)
+    loss = D.local_contrastive_loss(img, txt, all_img, all_txt, torch.tensor(10.0), None, rank=0)
     assert rows_done == [4, 1, 4, 1], rows_done
+    assert loss.dtype == torch.bfloat16, loss.dtype
 
 
 def test_local_contrastive_loss_zero_upstream_gradient():
