@@ -468,9 +468,17 @@ def _gather_rows(rank, world, members):
 @pytest.mark.parametrize("world, members", [(2, None), (3, None), (3, [1, 2])], ids=["world2", "world3", "group12"])
 def test_all_gather_with_grad(world, members, backend, monkeypatch):
     if backend == "nccl":
-        # NCCL's branch (a reduce-scatter) run by gloo, which has reduce_scatter_tensor too
-        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        # NCCL's branch (a reduce-scatter) run by gloo, which has reduce_scatter_tensor too. The backward asks the
+        # group it gathered over: with a subgroup, that one is NCCL and the default group gloo
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl" if (group is None) == (members is None)
+                            else "gloo")
+    calls = []
+    for name in ("all_reduce", "reduce_scatter_tensor"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     run_ranks(world, _gather_rows, members)
+    # NCCL's backward moves 1/W of the gradient per rank; gloo's all-reduces it whole
+    assert set(calls) == {"reduce_scatter_tensor" if backend == "nccl" else "all_reduce"}, calls
 
 
 def _ring_traffic(rank, world, sends):
