@@ -347,8 +347,10 @@ def _(rank, world):
     glob = [t.to(torch.bfloat16).double() if t is not None else None for t in _global_inputs(world, bias=-1.0)]
     for name, loss_fn, parts, expect in _modes(rank, world, backend="torch"):
         try:
-            _check_single_process(_run(loss_fn, _local_leaves(glob, rank, torch.bfloat16)), glob, rank, world, parts,
-                                  rtol=world * 2 ** -8, atol=1e-6, **expect)
+            run = _run(loss_fn, _local_leaves(glob, rank, torch.bfloat16))
+            # the loss and every gradient in the inputs' dtype, as open_clip's
+            assert run[0].dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in run[1]), run
+            _check_single_process(run, glob, rank, world, parts, rtol=world * 2 ** -8, atol=1e-6, **expect)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
 
