@@ -263,6 +263,20 @@ def _(rank, world):
             _check_single_process(ours, ref_glob, rank, world, lambda i, t, x, _: call(parts, i, t, x), **expect)
 
 
+@check("siglip_ring_one_input_with_grad")
+def _(rank, world):
+    # a frozen text tower (LiT), a fixed temperature...: the ring forms the gradients when any one input needs one
+    glob = _global_inputs(world, bias=-2.0, scale=10.0)
+    loss_fn = _siglip_pair(rank, world, "ring", backend="torch")[0]
+    every = _run(loss_fn, _local_leaves(glob, rank))[1]
+    for i, name in enumerate(("image", "text", "logit_scale", "logit_bias")):
+        leaves = [t.detach() for t in _local_leaves(glob, rank)]
+        leaves[i].requires_grad_()
+        loss = loss_fn(*leaves)
+        (grad,) = torch.autograd.grad(loss, leaves[i], torch.full_like(loss, G))
+        _compare(f"d_{name} alone", grad, every[i], 1e-12, 1e-14)
+
+
 @check("ring_no_grad")
 def _(rank, world):
     glob = _global_inputs(world, bias=-1.5, scale=7.0)
