@@ -6,10 +6,10 @@ the backends (an op that lacks a backend simply has no module for it).
 
 Each op (``"contrastive_loss"``, ``"siglip_loss"``, ``"flash_attention"``, ...) has one :class:`Support` row per
 backend that implements it. A row says which devices and dtypes the backend takes, the largest feature/head
-dimension, and a function that reports why the backend cannot run at all on this machine (extension not built,
-no GPU). ``select(op, backend, device=..., dtype=..., dim=...)`` walks the rows in priority order for ``"auto"``
-and raises :class:`BackendError` listing each backend and its reasons when nothing fits; an explicitly requested
-backend is never silently replaced.
+dimension and other sizes (top-k's k), and a function that reports why the backend cannot run at all on this
+machine (extension not built, no GPU). ``select(op, backend, device=..., dtype=..., dim=...)`` walks the rows in
+priority order for ``"auto"`` and raises :class:`BackendError` listing each backend and its reasons when nothing
+fits; an explicitly requested backend is never silently replaced.
 
 Adding an op or a backend is adding a row with :func:`register`. ``auto``'s choice between ``cuda`` and ``triton``
 comes from benchmark results committed with the package (:func:`preferred`).
@@ -20,7 +20,7 @@ import importlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -119,8 +119,11 @@ class Support:
     unavailable: Callable[[], Optional[str]] = lambda: None
     # extra per-input checks: f(device_type, dtype, dim) -> list of reasons
     extra_checks: Sequence[Callable] = field(default_factory=tuple)
+    # the largest value of other sizes of the inputs, by name: {"k": 128} refuses select(..., sizes={"k": 200})
+    max_sizes: Mapping[str, int] = field(default_factory=dict)
 
-    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, dim: int) -> List[str]:
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype, dim: int,
+                              sizes: Optional[Mapping[str, int]] = None) -> List[str]:
         reasons = []
         why = self.unavailable()
         if why:
@@ -135,6 +138,9 @@ class Support:
             reasons.append(f"{self.dim_name} {dim} > {self.max_dim}")
         if dim < self.min_dim:
             reasons.append(f"{self.dim_name} {dim} < {self.min_dim}")
+        for name, limit in self.max_sizes.items():
+            if sizes is not None and sizes.get(name, 0) > limit:
+                reasons.append(f"{name} {sizes[name]} > {limit} (the largest {name} this backend takes)")
         for check in self.extra_checks:
             reasons.extend(check(dev, dtype, dim))
         return reasons
@@ -162,9 +168,11 @@ def ops() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Support:
+def select(op: str, backend: str = "auto", *, device, dtype, dim: int,
+           sizes: Optional[Mapping[str, int]] = None) -> Support:
     """The backend that runs ``op`` on these inputs.
 
+    ``sizes``: the op's other sizes that some rows limit (``Support.max_sizes``), e.g. ``{"k": k}`` for top-k.
     ``backend="auto"`` honours ``FASTCLIP_BACKEND`` and otherwise takes the first backend in ``AUTO_ORDER`` that
     supports the inputs. An explicit backend that cannot run raises :class:`BackendError` with its reasons.
     """
@@ -184,7 +192,7 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Suppor
             raise BackendError(f"{op}: backend {backend!r}{via} has no implementation of this op in this version "
                                f"(implemented by: {', '.join(table)})" + (f"; besides, {why}" if why else ""))
         row = table[backend]
-        reasons = row.not_supported_reasons(device, dtype, dim)
+        reasons = row.not_supported_reasons(device, dtype, dim, sizes)
         if reasons:
             raise BackendError(f"{op}: backend {backend!r}{via} cannot run these inputs "
                                f"(device={device}, dtype={dtype}, {row.dim_name}={dim}): " + "; ".join(reasons))
@@ -199,7 +207,7 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int) -> Suppor
                 refusals.append("  cuda: skipped by auto: no committed benchmark shows it faster than triton for "
                                 "these inputs (fastclip/data/backend_choice.json)")
                 continue
-        reasons = row.not_supported_reasons(device, dtype, dim)
+        reasons = row.not_supported_reasons(device, dtype, dim, sizes)
         if not reasons:
             # On the CPU the interpreter is a correctness tool, never a speed choice.
             if name == "triton" and torch.device(device).type == "cpu":

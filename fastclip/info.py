@@ -50,6 +50,7 @@ def report() -> str:
             limits = f"devices={','.join(sorted(row.devices))} dtypes={dtypes}"
             if row.max_dim:
                 limits += f" max {row.dim_name}={row.max_dim}"
+            limits += "".join(f" max {name}={limit}" for name, limit in row.max_sizes.items())
             lines.append(f"  {name:<10} {'unavailable: ' + why if why else 'available'}  [{limits}]")
     return "\n".join(lines)
 

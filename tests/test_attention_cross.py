@@ -151,3 +151,29 @@ def test_head_pieces_and_alignment():
     assert _align(packed[..., :87].unbind(2)[0], packed[..., 1:].unbind(2)[0]) == 1  # one view starts mid-row
     assert _align(torch.empty(2, 7, 4, 59, dtype=torch.float16)) == 1  # rows 118 bytes apart
     assert _align(torch.empty(2, 7, 4, 72)) == 4  # fp32: 4 elements per 16 bytes
+
+
+def test_sm90_backward_pads_head_dims_88_96_to_128(monkeypatch):
+    """On sm_90 the 16-bit backward runs head dims 88 and 96 as 64 + 64 columns with 64-row tiles (every product on
+    warp-group MMA without spills; tests/triton_static.py); the forward and sm_80 keep 64 + 32. The padded pieces
+    then give the gradients of the unpadded head dim (interpreter, fp32, small tiles with the sm_90 pieces)."""
+    from fastclip.ops import tuned
+    from fastclip.ops.attention import triton as A
+
+    def pieces(config):
+        return config["BLOCK_D0"], config["BLOCK_D1"]
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU tables
+    for arch, bwd in ((90, (64, 64)), (80, (64, 32))):
+        monkeypatch.setattr(tuned, "gpu_arch", lambda arch=arch: arch)
+        for d in (88, 96):
+            assert pieces(A._bwd_config(77, 77, d, torch.bfloat16)) == bwd
+            assert pieces(A._fwd_config(77, 77, d, torch.bfloat16)) == (64, 32)
+            assert pieces(A._bwd_config(77, 77, d, torch.float32)) == (64, 32)
+    monkeypatch.setattr(tuned, "gpu_arch", lambda: 90)
+    assert A._bwd_config(77, 77, 96, torch.float16)["BLOCK_M"] == 64
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreter_bwd_config = A._bwd_config
+    monkeypatch.setattr(A, "_bwd_config", lambda *args: dict(interpreter_bwd_config(*args), BLOCK_D0=64, BLOCK_D1=64))
+    leaves = cross_qkv(1, 19, 21, 2, 96, torch.float32)
+    check_against_reference(leaves, True, padding(1, 21), "triton", atol_fwd=1e-5, atol_bwd=1e-5)

@@ -263,6 +263,20 @@ def _(rank, world):
             _check_single_process(ours, ref_glob, rank, world, lambda i, t, x, _: call(parts, i, t, x), **expect)
 
 
+@check("siglip_ring_one_input_with_grad")
+def _(rank, world):
+    # a frozen text tower (LiT), a fixed temperature...: the ring forms the gradients when any one input needs one
+    glob = _global_inputs(world, bias=-2.0, scale=10.0)
+    loss_fn = _siglip_pair(rank, world, "ring", backend="torch")[0]
+    every = _run(loss_fn, _local_leaves(glob, rank))[1]
+    for i, name in enumerate(("image", "text", "logit_scale", "logit_bias")):
+        leaves = [t.detach() for t in _local_leaves(glob, rank)]
+        leaves[i].requires_grad_()
+        loss = loss_fn(*leaves)
+        (grad,) = torch.autograd.grad(loss, leaves[i], torch.full_like(loss, G))
+        _compare(f"d_{name} alone", grad, every[i], 1e-12, 1e-14)
+
+
 @check("ring_no_grad")
 def _(rank, world):
     glob = _global_inputs(world, bias=-1.5, scale=7.0)
@@ -347,8 +361,10 @@ def _(rank, world):
     glob = [t.to(torch.bfloat16).double() if t is not None else None for t in _global_inputs(world, bias=-1.0)]
     for name, loss_fn, parts, expect in _modes(rank, world, backend="torch"):
         try:
-            _check_single_process(_run(loss_fn, _local_leaves(glob, rank, torch.bfloat16)), glob, rank, world, parts,
-                                  rtol=world * 2 ** -8, atol=1e-6, **expect)
+            run = _run(loss_fn, _local_leaves(glob, rank, torch.bfloat16))
+            # the loss and every gradient in the inputs' dtype, as open_clip's
+            assert run[0].dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in run[1]), run
+            _check_single_process(run, glob, rank, world, parts, rtol=world * 2 ** -8, atol=1e-6, **expect)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
 
@@ -468,9 +484,17 @@ def _gather_rows(rank, world, members):
 @pytest.mark.parametrize("world, members", [(2, None), (3, None), (3, [1, 2])], ids=["world2", "world3", "group12"])
 def test_all_gather_with_grad(world, members, backend, monkeypatch):
     if backend == "nccl":
-        # NCCL's branch (a reduce-scatter) run by gloo, which has reduce_scatter_tensor too
-        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        # NCCL's branch (a reduce-scatter) run by gloo, which has reduce_scatter_tensor too. The backward asks the
+        # group it gathered over: with a subgroup, that one is NCCL and the default group gloo
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl" if (group is None) == (members is None)
+                            else "gloo")
+    calls = []
+    for name in ("all_reduce", "reduce_scatter_tensor"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     run_ranks(world, _gather_rows, members)
+    # NCCL's backward moves 1/W of the gradient per rank; gloo's all-reduces it whole
+    assert set(calls) == {"reduce_scatter_tensor" if backend == "nccl" else "all_reduce"}, calls
 
 
 def _ring_traffic(rank, world, sends):
@@ -565,6 +589,31 @@ def test_local_contrastive_loss(chunk_size, dim, monkeypatch):
         _compare(name, a, r, 1e-10, 1e-13)
 
 
+def test_local_contrastive_loss_default_chunk_bounds_the_logits(monkeypatch):
+    """Without chunk_size a chunk of rows holds at most 2^22 logits: rows = 2^22 // N_global (the meta device: no
+    memory, no arithmetic). The loss comes back in the features' dtype (bf16 here; fp32 inside)."""
+    from fastclip import distributed as D
+
+    n, m = 5, 1 << 20  # 4 rows per chunk
+    img, txt, all_img, all_txt = (torch.randn(k, 3, device="meta", dtype=torch.bfloat16) for k in (n, n, m, m))
+    rows_done = []
+    logits = D._logits
+    monkeypatch.setattr(D, "_logits", lambda a, *args: rows_done.append(a.shape[0]) or logits(a, *args))
+    loss = D.local_contrastive_loss(img, txt, all_img, all_txt, torch.tensor(10.0), None, rank=0)
+    assert rows_done == [4, 1, 4, 1], rows_done
+    assert loss.dtype == torch.bfloat16, loss.dtype
+
+
+def test_local_contrastive_loss_zero_upstream_gradient():
+    """A loss weighted by 0 has zero gradients, all finite (the bias's, sum_ij dL/dS_ij, is 0 up to rounding)."""
+    from fastclip import distributed as D
+
+    img, txt, s, b = [t.requires_grad_() for t in _global_inputs(2, bias=-0.5, scale=9.0)]
+    loss = D.local_contrastive_loss(img[:N_LOCAL], txt[:N_LOCAL], img, txt, s, b, rank=0, chunk_size=2)
+    for g in torch.autograd.grad(loss, [img, txt, s, b], torch.zeros_like(loss)):
+        assert torch.equal(g, torch.zeros_like(g)), g
+
+
 def test_local_contrastive_loss_stays_on_the_features_device():
     """Every intermediate lives on the inputs' device (the meta device stands in for a GPU)."""
     from fastclip import distributed as D
@@ -573,6 +622,23 @@ def test_local_contrastive_loss_stays_on_the_features_device():
     loss = D.local_contrastive_loss(img[:N_LOCAL], txt[:N_LOCAL], img, txt, s, b, rank=0, chunk_size=2)
     grads = torch.autograd.grad(loss, [img, txt, s, b])
     assert loss.device.type == "meta" and all(g.device.type == "meta" for g in grads)
+
+
+@pytest.mark.gpu
+def test_local_contrastive_loss_on_the_gpu():
+    """On a GPU every accumulator lives on the features' device (the meta device above lets a CPU 0-d accumulator
+    through; CUDA refuses it): values and gradients as on the CPU, every gradient on the GPU."""
+    from fastclip import distributed as D
+
+    glob = _global_inputs(2, bias=-0.5, scale=9.0)
+    runs = []
+    for device in ("cpu", "cuda"):
+        img, txt, s, b = [t.to(device).requires_grad_() for t in glob]
+        loss = D.local_contrastive_loss(img[:N_LOCAL], txt[:N_LOCAL], img, txt, s, b, rank=0, chunk_size=2)
+        runs.append([loss, *torch.autograd.grad(loss, [img, txt, s, b])])
+    for name, cpu, gpu in zip(("loss", "d_image", "d_text", "d_scale", "d_bias"), *runs):
+        assert gpu.device.type == "cuda", name
+        _compare(name, gpu.cpu(), cpu, 1e-10, 1e-13)
 
 
 def test_not_initialized():

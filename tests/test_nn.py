@@ -108,6 +108,7 @@ MASKS = {
     "attn-3d": ("3d", None, False, False),
     "pad-blind": (None, "blind", False, True),  # zeros for the blind queries, as torch's SDPA path
     "causal+pad-blind": ("bool", "blind-causal", False, True),
+    "attn-additive+pad-bool-hint": ("additive", "bool", True, False),  # with padding torch applies the mask
 }
 
 
@@ -233,6 +234,44 @@ def test_is_causal_without_mask(fused_calls):
     assert torch.equal(out_w, ref(x, x, x, attn_mask=mask)[0]) and w is not None
 
 
+def test_is_causal_without_mask_builds_it_on_the_inputs_device(monkeypatch):
+    """The causal mask handed to torch's path lives on the query's device (the meta device stands in for a GPU)."""
+    masks = []
+    forward = torch.nn.MultiheadAttention.forward
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward",
+                        lambda self, *a, **kw: masks.append(kw["attn_mask"]) or forward(self, *a, **kw))
+    mha = fastclip.nn.MultiheadAttention(16, 2, device="meta")
+    x = torch.randn(5, 2, 16, device="meta")
+    mha(x, x, x, is_causal=True)  # need_weights=True: torch's path
+    assert masks[0].device.type == "meta" and masks[0].shape == (5, 5), masks
+
+
+def test_is_causal_hint_mask_is_not_read(monkeypatch, fused_calls):
+    """is_causal=True with a mask and no padding: torch trusts the hint and never reads the mask, nor does the
+    layer (no device sync): fused, causal."""
+    reads = []
+    real = fnn.causal_pattern
+    monkeypatch.setattr(fnn, "causal_pattern", lambda *a: reads.append(a) or real(*a))
+    ref, ours = _pair(batch_first=True)
+    x, _, _ = _inputs(2, 6, 6, True, torch.float64, cross=False)
+    kw = dict(attn_mask=_causal(6, 6, "float", torch.float64), is_causal=True, need_weights=False)
+    _compare(ref, ours, x, x, x, kw, exact=False)
+    assert not reads and len(fused_calls) == 1 and fused_calls[0]["causal"]
+
+
+def test_frozen_layer_with_input_gradient_runs_fused(fused_calls):
+    """Parameters frozen, a gradient through the input (a frozen tower under a trainable one): torch's SDPA path,
+    not its native inference path, so a query that sees no key gets zeros there and the kernel covers the mask."""
+    ref, ours = _pair(batch_first=True)
+    for p in [*ref.parameters(), *ours.parameters()]:
+        p.requires_grad_(False)
+    x = torch.randn(3, 9, E, dtype=torch.float64, requires_grad=True)
+    kw, _ = _masks("pad-blind", 3, 9, 9, torch.float64)
+    out, out_r = ours(x, x, x, need_weights=False, **kw)[0], ref(x, x, x, need_weights=False, **kw)[0]
+    assert_close("out", out, out_r, rtol=1e-10, atol=1e-10)
+    assert len(fused_calls) == 1
+
+
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 @pytest.mark.parametrize("batch_first,kind", [(False, "causal-float+pad-bool"), (True, "pad-float")])
 def test_triton_fp32(batch_first, kind, fused_calls):
@@ -336,11 +375,33 @@ def test_gpu_bf16_vit_layer(fused_calls):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="multiple of num_heads"):
-        fastclip.nn.MultiheadAttention(15, 2)
+    for embed_dim, num_heads in [(15, 2), (0, 2), (-4, 2), (16, 0), (16, -2)]:
+        with pytest.raises(ValueError, match="positive multiple of num_heads"):
+            fastclip.nn.MultiheadAttention(embed_dim, num_heads)
+    for embed_dim, num_heads in [(1, 1), (16, 1)]:  # the smallest layers are valid
+        assert fastclip.nn.MultiheadAttention(embed_dim, num_heads).head_dim == embed_dim // num_heads
     mha = fastclip.nn.MultiheadAttention(16, 2)
     with pytest.raises(AssertionError, match="16"):  # torch's own check, through torch's path
         mha(torch.randn(3, 1, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8), need_weights=False)
+
+
+def test_inputs_the_kernel_does_not_take_are_torchs(fused_calls):
+    """Query and key/value of different dtypes (which torch runs under autocast), key and value of different
+    shapes, a mask on another device than the inputs: torch's path, its result or its own error."""
+    ref = torch.nn.MultiheadAttention(E, H)
+    ours = fastclip.nn.MultiheadAttention.from_torch(ref, backend="torch")
+    q, kv = torch.randn(5, 2, E), torch.randn(7, 2, E).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours(q, kv, kv, need_weights=False)[0], ref(q, kv, kv, need_weights=False)[0])
+    with pytest.raises(AssertionError, match="does not match value shape"):
+        ours(q, torch.randn(7, 2, E), torch.randn(6, 2, E), need_weights=False)
+    with pytest.raises(AssertionError, match="key_padded_mask.shape"):
+        ours(q, q, q, need_weights=False, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    meta = fastclip.nn.MultiheadAttention(E, H, device="meta")
+    x = torch.randn(5, 2, E, device="meta")
+    with pytest.raises(RuntimeError, match="not on the expected device"):
+        meta(x, x, x, need_weights=False, attn_mask=_causal(5, 5, "float", torch.float32))
+    assert not fused_calls
 
 
 def test_autocast_open_clip_text_layer(fused_calls):

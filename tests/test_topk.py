@@ -1,5 +1,6 @@
 """topk_similarity against a stable descending sort of the full score matrix (= torch.topk's values, with ties
-broken by the lower index), every backend, odd sizes, k = 1..256, ties, NaN and inf, chunked galleries, gradients.
+broken by the lower index), every backend, odd sizes, k = 1..299 (the triton backend up to its limit, 128), ties,
+NaN and inf, chunked galleries, gradients.
 """
 import json
 import os
@@ -11,6 +12,8 @@ import torch
 
 import fastclip
 from fastclip.bench.common import cpu_peak_supported
+from fastclip.dispatch import select
+from fastclip.ops.topk import TRITON_MAX_K
 from fastclip.ops.topk.reference import topk_similarity_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,18 +42,23 @@ def _check_valid(q, g, k, values, indices):
     assert (values[:, :-1] >= values[:, 1:]).all(), "values not in descending order"
 
 
-# The Triton interpreter is slow (seconds per kernel at k = 256): its cases are few and small, the rest are slow.
+# The Triton interpreter is slow (seconds per kernel at k = 128): its cases are few and small, the rest are slow.
 def _cases(cases, fast_triton):
     return [pytest.param(*c, marks=pytest.mark.slow) if c[0] == "triton" and c[1:] not in fast_triton else c
             for c in cases]
 
 
-RANDOM_SHAPES = [(1, 1, 3, 1), (3, 77, 33, 5), (77, 257, 19, 1), (13, 1000, 72, 256), (5, 300, 8, 299)]
+def _k_supported(backend, k):
+    return backend != "triton" or k <= TRITON_MAX_K
+
+
+RANDOM_SHAPES = [(1, 1, 3, 1), (3, 77, 33, 5), (77, 257, 19, 1), (5, 300, 8, 128), (13, 1000, 72, 256),
+                 (5, 300, 8, 299)]
 
 
 @pytest.mark.parametrize("backend,dtype,nq,ng,d,k", _cases(
-    [c + s for c in CASES for s in RANDOM_SHAPES],
-    fast_triton=[(torch.float32, 1, 1, 3, 1), (torch.float16, 3, 77, 33, 5), (torch.float32, 5, 300, 8, 299)]))
+    [c + s for c in CASES for s in RANDOM_SHAPES if _k_supported(c[0], s[-1])],
+    fast_triton=[(torch.float32, 1, 1, 3, 1), (torch.float16, 3, 77, 33, 5), (torch.float32, 5, 300, 8, 128)]))
 def test_random_matches_full_topk(backend, dtype, nq, ng, d, k):
     q = torch.randn(nq, d, device=DEVICE).to(dtype)
     g = torch.randn(ng, d, device=DEVICE).to(dtype)
@@ -70,8 +78,8 @@ def _integer_features(n, d, lo=-2, hi=3):
 
 
 @pytest.mark.parametrize("backend,dtype,k", _cases(
-    [c + (k,) for c in CASES if c[1] != torch.bfloat16 for k in (1, 2, 10, 64, 256)],
-    fast_triton=[(torch.float32, 1), (torch.float16, 10), (torch.float16, 256)]))
+    [c + (k,) for c in CASES if c[1] != torch.bfloat16 for k in (1, 2, 10, 64, 128, 256) if _k_supported(c[0], k)],
+    fast_triton=[(torch.float32, 1), (torch.float16, 10), (torch.float16, 128)]))
 def test_ties_lower_index_first(backend, dtype, k):
     # d = 3 with entries in {-1, 0, 1}: 27 distinct gallery rows over 300, so almost every score is tied
     nq = 45 if backend == "torch" else 5
@@ -161,6 +169,28 @@ def test_torch_late_tiles_merge_exactly(k, block_q, block_g):
     assert torch.equal(i, _ref(q[:4], g, k)[1])
 
 
+@pytest.mark.parametrize("order", ["random", "ascending", "descending"])
+def test_torch_tile_order_is_exact(order):
+    """The torch backend's tiled merge, whatever order the scores come in along the gallery (each tile better than
+    the last, worse, or random), with ties at the k-th score, a NaN query and a NaN gallery row only the last tile
+    holds: exactly the full matrix's stable order."""
+    from fastclip.ops.topk import pytorch
+
+    q = _integer_features(50, 4, -3, 4)
+    g = _integer_features(2000, 4, -3, 4)
+    if order != "random":
+        key = g @ q[0]  # the scores of query 0 sorted along the gallery
+        g = g[key.argsort(descending=order == "descending", stable=True)]
+    q[7] = float("nan")
+    g[1990, 2] = float("nan")
+    k = 9
+    ref_v, ref_i = _ref(q, g, k)
+    for block_q, block_g in [(50, 100), (16, 37), (50, 2000)]:
+        v, i = pytorch.topk_similarity(q, g, k, block_q=block_q, block_g=block_g)
+        assert torch.equal(i, ref_i)
+        torch.testing.assert_close(v, ref_v, equal_nan=True, atol=0, rtol=0)
+
+
 def test_memmap_gallery_fp16(tmp_path):
     import numpy as np
 
@@ -221,6 +251,27 @@ def test_bad_input(kwargs, err, match):
 def test_explicit_backend_refusal_says_why():
     with pytest.raises(fastclip.BackendError, match="float64 is not supported"):
         fastclip.topk_similarity(torch.randn(3, 4).double(), torch.randn(5, 4).double(), 2, backend="triton")
+
+
+def test_triton_k_limit():
+    """The triton kernel keeps the running top-k in registers, up to k = 128: asked for explicitly beyond that it
+    refuses, naming k and the limit; "auto" takes the torch backend there (on a GPU, where it would take triton)."""
+    q, g = torch.randn(3, 8), torch.randn(200, 8)
+    with pytest.raises(fastclip.BackendError, match=rf"backend 'triton'.*k {TRITON_MAX_K + 1} > {TRITON_MAX_K}"):
+        fastclip.topk_similarity(q, g, TRITON_MAX_K + 1, backend="triton")
+    from fastclip.ops.topk import triton as kernel
+
+    with pytest.raises(ValueError, match=rf"k = {TRITON_MAX_K + 1}: .* k <= {TRITON_MAX_K}"):  # the launcher too
+        kernel.topk_similarity(q, g, TRITON_MAX_K + 1)
+    cuda = torch.device("cuda")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        pick = {k: select("topk_similarity", "auto", device=cuda, dtype=dtype, dim=512, sizes={"k": k}).backend
+                for k in (1, TRITON_MAX_K, TRITON_MAX_K + 1, 1000)}
+        assert pick == {1: "triton", TRITON_MAX_K: "triton", TRITON_MAX_K + 1: "torch", 1000: "torch"}
+    values, indices = fastclip.topk_similarity(q, g, TRITON_MAX_K + 1)  # auto on the CPU: torch, any k
+    full = q @ g.T
+    torch.testing.assert_close(values, full.topk(TRITON_MAX_K + 1, dim=1).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.gather(1, indices), values, atol=1e-5, rtol=0)
 
 
 @pytest.mark.gpu

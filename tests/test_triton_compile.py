@@ -98,3 +98,4 @@ def test_limits_match_the_registry():
     assert supports("contrastive_loss")["triton"].max_dim == ts.MAX_FEATURE_DIM
     assert supports("siglip_loss")["triton"].max_dim == ts.MAX_FEATURE_DIM
     assert supports("flash_attention")["triton"].max_dim == ts.MAX_HEAD_DIM
+    assert supports("topk_similarity")["triton"].max_sizes == {"k": ts.MAX_TOPK}

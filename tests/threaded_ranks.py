@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.multi_threaded_pg import _install_threaded_pg, _uninstall_threaded_pg
 
+# how long a rank may run (and wait in a collective) before it counts as hung; tools/mutate.py shortens it, since
+# a mutant that breaks the ring's addressing leaves the ranks waiting for a peer that never sends
+TIMEOUT = float(os.environ.get("FASTCLIP_TEST_RANK_TIMEOUT", "120"))
 _LOCK = threading.Lock()  # one threaded world at a time: the thread-local world is installed process-wide
 
 
@@ -44,13 +47,14 @@ def _one_interpreted_kernel_at_a_time():
         InterpretedFunction.run = run
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 120.0) -> list:
+def run_ranks(world: int, fn, *args, timeout: float | None = None) -> list:
     """``fn(rank, world, *args)`` on ranks 0 .. world-1, each in its own thread with a gloo default process group.
 
     Returns the ranks' results in rank order. Raises AssertionError with every failing rank's traceback; a rank
     that fails closes its group, so the others fail at once instead of waiting in a collective; a rank still
-    running after ``timeout`` seconds (gloo's timeout too) is reported as hung.
+    running after ``timeout`` seconds (gloo's timeout too; default ``TIMEOUT``) is reported as hung.
     """
+    timeout = TIMEOUT if timeout is None else timeout
     results, errors = [None] * world, [None] * world
     store = dist.HashStore()
     store.set_timeout(datetime.timedelta(seconds=timeout))

@@ -55,18 +55,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Expectations. A (kernel, check) pair listed here fails today for the reason given; the test fails both on any
-# other failure and when a listed pair passes for every configuration (then delete its line).
-EXPECTED_FAILURES = {
-    ("attention_bwd", "wgmma_tile"): "16-bit head dim 96 (64 + 32 columns) takes 32-row query tiles on sm_90, 4 of "
-                                     "its 5 dots on wgmma: 64 rows spill with 8 warps and 2 stages (255 registers + "
-                                     "16 B) and with 16 warps (224 B); with 8 warps and 1 stage they compile clean, "
-                                     "10 of 10 dots wgmma, but unpipelined (the pipelined check): a GPU must time "
-                                     "the two",
-    ("topk_similarity", "wgmma_tile"): "k > 128 takes 16-row tiles (HMMA): with 64 rows the running top-k spills "
-                                       "(570-620 B at k = 256)",
-    ("topk_similarity", "no_spills"): "8-16 B of local memory at a few k (sm_90 fp32 k 17-32; sm_80 bf16 k 17-32, "
-                                      "fp32 k 5-16); the 32-row tiles before spilled at more k; untuned",
-}
+# other failure and when a listed pair passes for every configuration (then delete its line). None today: every
+# configuration passes every check.
+EXPECTED_FAILURES = {}
 
 
 def _is_16bit(r):
@@ -152,7 +143,7 @@ TYPICAL = [
 # launch per distinct config (fp16 picks bf16's configs, so 16-bit launches are bf16) plus the flag variants.
 # test_triton_compile.py checks that every config any supported input reaches is in this domain.
 MAX_FEATURE_DIM, MAX_HEAD_DIM = 2048, 128  # the triton backend's limits (its Support rows' max_dim)
-MAX_TOPK = 256  # the largest k of topk_similarity's tests; its configs depend only on k and the dtype
+MAX_TOPK = 128  # the triton backend's largest k (its Support row's max_sizes); configs depend on k and the dtype
 
 
 def _freeze(cfg: dict) -> tuple:
@@ -208,6 +199,9 @@ def all_cases():
             seen |= new
             cases.append((fn, kw))
     for dtype in ("bf16", "fp32"):
+        # the JIT specializes k (k = 1 a constant, multiples of 16 a divisibility hint): the first k of each tile
+        # config is 1 or odd, so compile the other specializations too
+        cases += [(launch_topk, dict(nq=256, ng=1024, d=512, k=k, dtype=dtype)) for k in (2, 16, 32, 64, 128)]
         cases.append((launch_contrastive, dict(n=4096, d=512, dtype=dtype, bias=True, smoothing=0.1)))
         cases.append((launch_siglip, dict(n=4096, d=768, dtype=dtype, bias=False, negative_only=True)))
         cases.append((launch_attention, dict(batch=8, seq=77, heads=8, head_dim=64, dtype=dtype, causal=True,
@@ -329,11 +323,16 @@ def markdown(rows) -> str:
     def cfg(r):
         c = r["config"]
         tile = " x ".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D") if k in c)
+        if "BLOCK_TOP" in c:  # top-k: slots of the running top-k
+            tile += f", top {c['BLOCK_TOP']}"
+        if "BLOCK_D0" in c:  # attention: the head dim's column pieces
+            tile += f", d {c['BLOCK_D0']}" + (f" + {c['BLOCK_D1']}" if c["BLOCK_D1"] else "")
         return f"{tile}, {r['num_warps']} w, {r['num_stages']} st"
 
     failures = check_failures(rows)
     failed = {id(r): sorted(name for (_, name), rs in failures.items() for x in rs if x is r) for r in rows}
-    lines = ["| kernel | arch | dtype | flags | tile (M x N x K x D), warps, stages | regs | local B | smem KB | "
+    lines = ["| kernel | arch | dtype | flags | tile (M x N x K x D; top-k slots; head-dim pieces), warps, stages | "
+             "regs | local B | smem KB | "
              "dots (wgmma) | HGMMA | HMMA | cp.async | fails |", "|" + "---|" * 13]
     for r in sorted(rows, key=lambda r: (r["kernel"], -r["arch"], r["dtype"], sorted(r["config"].items()))):
         flags = ", ".join(k.lower() for k, v in r["flags"].items() if v) or "-"

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     templates = templates_from(args)
     spec = model_spec(args)
     if spec is None:
-        raise SystemExit("give a model: --model NAME --pretrained FILE, --pretrained FILE or --run DIR")
+        raise SystemExit("give a model: --model NAME --pretrained FILE, or --run DIR")
     model, tokenizer, preprocess = load_model(spec, args.device)
     from fastclip.zeroshot import build_zero_shot_classifier
 

@@ -78,23 +78,31 @@ def _run_state_dict(path: str) -> dict:
 def load_model(spec: dict, device: str = "cpu"):
     """(model in eval mode on ``device``, tokenizer, preprocess) for a spec from :func:`model_spec`."""
     import fastclip
-    from fastclip.models import load_checkpoint, read_checkpoint
+    from fastclip.models import CheckpointError, clean_state_dict, load_checkpoint, read_checkpoint
 
+    siglip = False
     if "run" in spec:
         name, path = _run_checkpoint(spec["run"])
-        sd = _run_state_dict(path)
+        sd = clean_state_dict(_run_state_dict(path))
+        siglip = "logit_bias" in sd  # a run of --loss siglip: its model has SigLIP's logit_bias
     else:
         name, path, sd = spec.get("model"), spec["pretrained"], None
     train = _train_models()
-    if name in fastclip.list_models():
-        model = fastclip.create_model(name)
-        load_checkpoint(model, sd if sd is not None else path)
-    elif train is not None and name in train.TINY_MODELS:
-        model = train.build_model(name)
-        load_checkpoint(model, sd if sd is not None else path)
-    elif name.endswith(".json") and "run" not in spec:  # an open_clip model config
-        model = fastclip.create_model_from_state_dict(read_checkpoint(path)[0], model_name=name)
-    else:
+    try:
+        if name in fastclip.list_models():
+            # the bias's initial value is overwritten by the checkpoint's
+            model = fastclip.create_model(name, init_logit_bias=0.0 if siglip else None)
+            load_checkpoint(model, sd if sd is not None else path)
+        elif train is not None and name in train.TINY_MODELS:
+            model = train.build_model(name, siglip=siglip)
+            load_checkpoint(model, sd if sd is not None else path)
+        elif name.endswith(".json") and "run" not in spec:  # an open_clip model config
+            model = fastclip.create_model_from_state_dict(read_checkpoint(path)[0], model_name=name)
+        else:
+            model = None
+    except CheckpointError as e:
+        raise SystemExit(f"{spec.get('run') or path}: {e}") from None
+    if model is None:
         where = f"config.json of {spec['run']}" if "run" in spec else "--model"
         raise SystemExit(f"model {name!r} ({where}) is neither a fastclip.list_models() name nor a fastclip train "
                          f"config in this version" + ("" if "run" in spec else ", nor a config .json"))
@@ -105,7 +113,8 @@ def load_model(spec: dict, device: str = "cpu"):
 
 
 def _train_models():
-    """``fastclip.train.models`` (its ``TINY_MODELS`` configs and ``build_model(name)``), where installed."""
+    """``fastclip.train.models`` (its ``TINY_MODELS`` configs and ``build_model(name, siglip=...)``), where
+    installed."""
     try:
         from fastclip.train import models
     except ImportError:

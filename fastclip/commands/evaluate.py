@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     spec = model_spec(args)
     if spec is None:
-        raise SystemExit("give a model: --model NAME --pretrained FILE, --pretrained FILE or --run DIR")
+        raise SystemExit("give a model: --model NAME --pretrained FILE, or --run DIR")
     model, tokenizer, preprocess = load_model(spec, args.device)
     if args.task == "zeroshot":
         from fastclip.zeroshot import evaluate_zero_shot

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         spec = meta["model"]
     else:
         if spec is None:
-            raise SystemExit("give a model: --model NAME --pretrained FILE, --pretrained FILE or --run DIR")
+            raise SystemExit("give a model: --model NAME --pretrained FILE, or --run DIR")
         meta, done_paths = None, []
     model, _, preprocess = load_model(spec, args.device)
     if meta is None:

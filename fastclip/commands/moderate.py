@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     cats = read_policy(args.policy)
     spec = model_spec(args)
     if spec is None:
-        raise SystemExit("give a model: --model NAME --pretrained FILE, --pretrained FILE or --run DIR")
+        raise SystemExit("give a model: --model NAME --pretrained FILE, or --run DIR")
     model, tokenizer, preprocess = load_model(spec, args.device)
     for c in cats:
         c["emb"] = embed_texts(model, tokenizer, c["prompts"], args.device)

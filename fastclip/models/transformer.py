@@ -121,9 +121,10 @@ class CrossAttention(nn.Module):
             self.v_proj_weight = nn.Parameter(torch.empty(dim, kdim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
-        for p in self.parameters():  # nn.MultiheadAttention's initialization
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        # nn.MultiheadAttention's initialization (out_proj.weight keeps nn.Linear's)
+        for w in [self.in_proj_weight] if self.packed else [self.q_proj_weight, self.k_proj_weight,
+                                                             self.v_proj_weight]:
+            nn.init.xavier_uniform_(w)
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, q_x: Tensor, kv_x: Tensor) -> Tensor:

@@ -30,8 +30,9 @@ Kernels
 
 Head dims are padded to 16, 32, 48, 64, 80, 96 or 128 and covered by one or two power-of-two column pieces
 (``_head_pieces``: 72 and 80 -> 64 + 16, 88 and 96 -> 64 + 32, 128 -> 64 + 64), so a product over the head dim is
-one or two chained dots, and D = 80 costs 80 columns, not 128. The head dim is a constexpr (one compile per head
-dim; the column masks are known to the compiler).
+one or two chained dots, and D = 80 costs 80 columns, not 128 (the 16-bit backward on sm_90 runs 88 and 96 as
+64 + 64: see ``GPU_TILES``). The head dim is a constexpr (one compile per head dim; the column masks are known to
+the compiler).
 
 Memory beyond inputs and outputs: lse (B, H, S_q) fp32 saved for the backward; the backward adds delta (B, H, S_q)
 fp32 and, for 16-bit inputs, the (B, S_q, H, D) fp32 dQ accumulator. Accumulation is fp32 whatever the input
@@ -345,7 +346,8 @@ def _head_pieces(d: int) -> Tuple[int, int]:
 # warp-group MMA when its tile has 64+ rows); "fp32" runs IEEE fp32 on FMA units unless TF32 is allowed, so its
 # tiles are small to stay out of local memory, with 2 stages (cp.async). Each row compiles for sm_90 and sm_80
 # without spills (benchmarks/NOTES.md); an entry {90: tiles, 80: tiles} differs by architecture (``by_arch``), where
-# sm_80's tiles of sm_90's size spill (8-440 B).
+# sm_80's tiles of sm_90's size spill (8-440 B). An entry that is a head dim instead of tiles pads to it: that row's
+# tiles and column pieces.
 GPU_TILES = {
     ("fwd", "16-bit", 16): (64, 64, 4, 3),
     ("fwd", "16-bit", 32): (64, 64, 4, 3),
@@ -366,12 +368,12 @@ GPU_TILES = {
     ("bwd", "16-bit", 48): (64, 64, 8, 2),
     ("bwd", "16-bit", 64): {90: (64, 64, 8, 2), 80: (64, 32, 8, 2)},
     ("bwd", "16-bit", 80): {90: (64, 64, 8, 2), 80: (32, 32, 8, 2)},
-    # at 96 columns (64 + 32), 64 query rows would put dQ = dS K on warp-group MMA too: with 8 warps and 2 stages
-    # they spill (255 registers + 16 bytes), with 16 warps more (224 bytes); 8 warps and 1 stage compile clean (all
-    # 10 dots wgmma, 255 registers) but load unpipelined. 32 rows keep 4 of the 5 products on wgmma, pipelined; which
-    # is faster needs a GPU
-
-    ("bwd", "16-bit", 96): {90: (32, 64, 8, 2), 80: (16, 64, 8, 2)},
+    # 96 columns (64 + 32) run as 128 (64 + 64; columns 96-127 masked) on sm_90: the only 64-row tile found where
+    # all five products are warp-group MMA, pipelined, without spills (255 registers, 0 bytes). With 96 columns,
+    # 64 x 64 spills (255 registers + 16 B at 8 warps and 2 stages, 224 B at 16 warps) or loads unpipelined (1
+    # stage); 64 x 32 spills (72-248 B) and keeps its BLOCK_N-row products on mma.sync. The padding costs a third
+    # more MMA work in the head dim; 32 x 64 tiles (4 of 5 products on wgmma) did without it: a GPU must time them
+    ("bwd", "16-bit", 96): {90: 128, 80: (16, 64, 8, 2)},
     ("bwd", "16-bit", 128): {90: (64, 64, 8, 2), 80: (64, 32, 8, 2)},
     ("bwd", "fp32", 16): (16, 32, 8, 2),
     ("bwd", "fp32", 32): {90: (16, 32, 8, 2), 80: (16, 32, 4, 2)},
@@ -388,8 +390,14 @@ INTERPRETER_TILES = (16, 32, 4, 1)
 
 def _tiles(kernel: str, d: int, dtype: torch.dtype) -> dict:
     block_d0, block_d1 = _head_pieces(d)
-    tiles = INTERPRETER_TILES if triton_interpret() else \
-        by_arch(GPU_TILES[(kernel, "fp32" if dtype == torch.float32 else "16-bit", block_d0 + block_d1)])
+    if triton_interpret():
+        tiles = INTERPRETER_TILES
+    else:
+        inputs = "fp32" if dtype == torch.float32 else "16-bit"
+        tiles = by_arch(GPU_TILES[(kernel, inputs, block_d0 + block_d1)])
+        if isinstance(tiles, int):  # padded further, to the head dim of another row
+            block_d0, block_d1 = _head_pieces(tiles)
+            tiles = by_arch(GPU_TILES[(kernel, inputs, tiles)])
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tiles), BLOCK_D0=block_d0,
                 BLOCK_D1=block_d1)
 

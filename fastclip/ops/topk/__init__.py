@@ -25,9 +25,12 @@ _HERE = __name__
 
 register(Support(OP, "reference", impl=topk_similarity_ref))
 register(Support(OP, "torch", impl=Lazy(f"{_HERE}.pytorch", "topk_similarity")))
+# the Triton kernel keeps each query's running top-k in registers: beyond k = 128 its 64-row tiles spill (and
+# 16-row tiles would leave the tensor cores' warp-group MMA), so "auto" takes the torch backend there
+TRITON_MAX_K = 128
 register(Support(OP, "triton", impl=Lazy(f"{_HERE}.triton", "topk_similarity"),
                  dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), unavailable=triton_unavailable,
-                 extra_checks=(no_bf16_in_interpreter,)))
+                 extra_checks=(no_bf16_in_interpreter,), max_sizes={"k": TRITON_MAX_K}))
 
 # rows of a host gallery moved to the GPU at a time: about 1 GiB
 _HOST_CHUNK_BYTES = 1 << 30
@@ -111,7 +114,7 @@ def topk_similarity(queries: Tensor, gallery: Tensor, k: int, *, backend: str = 
         gallery: (G, D), same dtype and D; on the queries' device, or on the CPU with the queries on a GPU, in
             which case it is moved to the GPU ``gallery_chunk`` rows at a time (default: about 1 GiB), so it may be
             larger than the GPU's memory. A ``torch.from_numpy`` view of a memory-mapped array works.
-        k: 1 <= k <= G.
+        k: 1 <= k <= G (the ``triton`` backend takes k <= 128; ``auto`` picks ``torch`` above).
         backend: "auto", "reference", "torch" or "triton" (see ``python -m fastclip.info``).
         gallery_chunk: rows per chunk of the gallery (also on one device: bounds what a backend sees at once).
 
@@ -146,7 +149,7 @@ def topk_similarity(queries: Tensor, gallery: Tensor, k: int, *, backend: str = 
     queries = amp_cast(queries, amp)
     if gallery.device == queries.device:
         gallery = amp_cast(gallery, amp)
-    row = select(OP, backend, device=queries.device, dtype=queries.dtype, dim=queries.shape[1])
+    row = select(OP, backend, device=queries.device, dtype=queries.dtype, dim=queries.shape[1], sizes={"k": k})
     chunk = gallery_chunk
     if chunk is None and gallery.device != queries.device:
         chunk = max(1, _HOST_CHUNK_BYTES // (gallery.shape[1] * gallery.element_size()))

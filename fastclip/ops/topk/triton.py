@@ -1,6 +1,7 @@
 """Fused top-k similarity in Triton: one program per block of queries sweeps the whole gallery.
 
-Each program keeps its rows' running top-k in registers, as (BLOCK_M, BLOCK_TOP) int32 keys and gallery indices,
+Each program keeps its rows' running top-k in registers (so k <= MAX_K = 128; the dispatcher sends larger k to the
+torch backend), as (BLOCK_M, BLOCK_TOP) int32 keys and gallery indices,
 and for every (BLOCK_M, BLOCK_N) score tile (one GEMM over D in fp32) moves the tile's winners in: while some row's
 best tile score beats its current worst, that best (the lowest column among equal bests) replaces the worst
 (the highest index among equal worsts). Early tiles move up to k entries per row, later ones almost none once the
@@ -20,7 +21,9 @@ import triton.language as tl
 
 from fastclip.dispatch import triton_interpret
 from fastclip.ops.contrastive.triton import _input_precision, _logits_tile, _pow2
+from fastclip.ops.topk import TRITON_MAX_K as MAX_K
 from fastclip.ops.topk.pytorch import merge_topk
+from fastclip.ops.tuned import by_arch
 
 KEY_MIN = tl.constexpr(-2147483648)  # below every score's key: an empty slot, a masked column
 KEY_NAN = tl.constexpr(2147483647)  # every NaN, above +inf's key
@@ -91,20 +94,22 @@ def _config(nq: int, ng: int, k: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=16 if ng <= 64 else 32, BLOCK_K=16, BLOCK_TOP=top, num_warps=4,
                     num_stages=1)
     # 64-row tiles, so that the tile GEMM is a wgmma on sm_90 (16-bit inputs); the running top-k takes
-    # 2 * BLOCK_M * BLOCK_TOP registers per program, so k > 32 gets 8 warps and k > 128 16-row tiles (64 rows spill
-    # there). Chosen from the sm_90/sm_80 compiles of tests/triton_static.py (registers, spills); untimed.
-    if top > 128:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64 if dtype != torch.float32 else 32, BLOCK_TOP=top, num_warps=4,
-                    num_stages=3)
+    # 2 * BLOCK_M * BLOCK_TOP registers per program, so k > 16 gets 8 warps. fp32 (FMA) takes BLOCK_K = 16 (32
+    # spills 8-16 B at some k), and 4 warps on sm_80 up to k = 16 (8 spill 8 B at k = 16). Chosen from the sm_90 and
+    # sm_80 compiles of tests/triton_static.py (every k up to MAX_K: 0 spills, 3-stage cp.async); untimed.
     if dtype != torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_TOP=top, num_warps=4 if top <= 32 else 8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_TOP=top, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_TOP=top, num_warps=4 if top <= 16 else 8, num_stages=3)
+    warps = by_arch({90: 8, 80: 4 if top <= 16 else 8})
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, BLOCK_TOP=top, num_warps=warps, num_stages=3)
 
 
 def topk_similarity(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(values (Q, k) fp32, indices (Q, k) int64), sorted: values descending, NaN first, ties by lower index."""
     nq, d = queries.shape
     ng = gallery.shape[0]
+    if k > MAX_K:
+        raise ValueError(f"k = {k}: the Triton top-k kernel takes k <= {MAX_K} (its running top-k lives in "
+                         "registers); use the torch backend")
     if ng >= 2**31 - 1:
         raise ValueError(f"gallery has {ng} rows; the Triton kernel indexes up to 2**31 - 2 per call (stream it in "
                          "chunks from the host)")
