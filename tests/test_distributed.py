@@ -695,3 +695,28 @@ def test_distributed_in_processes():
     failures = [f"--- {name}, rank {r} of {world}:\n{res[name]}" for name in CHECKS for r, res in
                 enumerate(per_rank) if res.get(name, "did not run") is not None]
     assert not failures, "\n".join(failures)
+
+
+def test_ring_backend_never_runs_cuda(monkeypatch):
+    """The ring merges its blocks' statistics in a log base it must know: backend="cuda" (not wired into the ring)
+    is refused by name, and where "auto" would pick it (a GPU with the extension built: cuda leads the auto
+    order) the ring takes the next backend that runs the inputs, instead of failing with a KeyError."""
+    import fastclip.distributed as D
+    from fastclip.dispatch import BackendError, supports
+
+    real_select = D.select
+    cuda_row = supports("contrastive_loss")["cuda"]
+
+    def select_as_on_a_gpu(op, backend="auto", **kw):
+        return cuda_row if backend in ("auto", "cuda") else real_select(op, backend, **kw)
+
+    image = torch.randn(6, 16)
+    assert D._ring_backend("auto", image).backend == real_select("contrastive_loss", "auto", device=image.device,
+                                                                 dtype=image.dtype, dim=16).backend
+    monkeypatch.setattr(D, "select", select_as_on_a_gpu)
+    with pytest.raises(BackendError, match=r"dist_impl='ring': backend 'cuda' is not supported by the ring"):
+        D._ring_backend("cuda", image)
+    row = D._ring_backend("auto", image)
+    assert row.backend in ("triton", "torch")
+    assert row.backend == real_select("contrastive_loss", "triton" if row.backend == "triton" else "torch",
+                                      device=image.device, dtype=image.dtype, dim=16).backend
