@@ -54,6 +54,10 @@ def test_attention_bound_catches_low_precision_intermediates(dtype, mutant):
 
 def test_contrastive_bound_catches_fp16_logits():
     """fp32 inputs, trained regime, logits rounded to fp16 (an fp16 GEMM output): the bound rejects it."""
+    # fixed inputs: the rounding moves each p_ij by ~1.6%, but the loss and gradients move only by (1 - p_ii), so on
+    # a draw whose rows are all confident enough the mutant's error sinks under the atol (about 1 draw in 5 since
+    # trained_features guarantees a 0.1 lead; CI drew one)
+    torch.manual_seed(0)
     img, txt = trained_features(N, D, torch.float32)
     scale = torch.tensor(100.0, requires_grad=True)
 
