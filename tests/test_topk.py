@@ -191,6 +191,38 @@ def test_torch_tile_order_is_exact(order):
         torch.testing.assert_close(v, ref_v, equal_nan=True, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("width", [4, 16, 128])
+@pytest.mark.parametrize("order", ["random", "ascending"])
+def test_torch_entrant_blocks_are_exact(monkeypatch, width, order):
+    """After its first tile the torch backend searches a tile only in the column blocks whose maximum beats a row's
+    running k-th score (or is NaN), and gathers those blocks' entrants, or takes the tile's top-k when a row has
+    many. Both routes, with ties at the k-th score everywhere, inf, a NaN query and a NaN gallery row in a late
+    tile, give exactly the full matrix's stable order; a tile width that is no multiple of the block width (the
+    last tile here) is one block per row."""
+    from fastclip.ops.topk import pytorch
+
+    monkeypatch.setattr(pytorch, "ENTRANT_BLOCK", width)
+    full_topk = []
+    tile_topk = pytorch.tile_topk
+    monkeypatch.setattr(pytorch, "tile_topk", lambda s, k: full_topk.append(s.shape) or tile_topk(s, k))
+    q = _integer_features(40, 4, -3, 4)
+    g = _integer_features(3000, 4, -3, 4)
+    if order == "ascending":  # each tile better than the last for query 0: its rows take many entrants per tile
+        g = g[(g @ q[0]).argsort(stable=True)]
+    q[7] = float("nan")
+    g[2900, 1] = float("nan")
+    g[2950, 0], g[2960, 2] = float("inf"), float("-inf")
+    k = 7
+    ref_v, ref_i = _ref(q, g, k)
+    v, i = pytorch.topk_similarity(q, g, k, block_q=16, block_g=256)
+    assert torch.equal(i, ref_i)
+    torch.testing.assert_close(v, ref_v, equal_nan=True, atol=0, rtol=0)
+    later = full_topk[3:]  # the first tile's three query chunks take the top-k of the whole tile
+    assert len(later) < 3 * (3000 // 256), "every later tile took the full top-k: the entrant route never ran"
+    if order == "ascending":
+        assert later, "no later tile took the full top-k"
+
+
 def test_memmap_gallery_fp16(tmp_path):
     import numpy as np
 

@@ -19,7 +19,8 @@ import torch
 from fastclip.ops.contrastive.pytorch import acc_dtype
 
 DEFAULT_TILE_ELEMENTS = 1 << 22  # scores per tile: 16 MB in fp32
-DEFAULT_BLOCK_Q = 1024
+DEFAULT_BLOCK_Q = 2048
+ENTRANT_BLOCK = 128  # columns per block whose maximum decides whether it is searched for entrants
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -61,21 +62,71 @@ def merge_topk(run_vals: torch.Tensor, run_idx: torch.Tensor, vals: torch.Tensor
 
 def topk_similarity(queries: torch.Tensor, gallery: torch.Tensor, k: int, block_q: Optional[int] = None,
                     block_g: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(values (Q, k) in the accumulation dtype, indices (Q, k) int64) of the k largest ``queries @ gallery.T``."""
+    """(values (Q, k) in the accumulation dtype, indices (Q, k) int64) of the k largest ``queries @ gallery.T``.
+
+    After the first gallery tile each query has k running entries, and a tile can change a row only if the row's
+    maximum beats its running k-th score (or is NaN, which ranks above every number; an equal score loses to
+    the running entry's lower index). The row maxima are one cheap reduction; the top-k and the merge run only on
+    the rows they admit, which after the first few tiles of a search are few (about k / t of them at tile t).
+    """
     nq, ng = queries.shape[0], gallery.shape[0]
     dt = acc_dtype(queries.dtype)
     block_q = min(nq, block_q or DEFAULT_BLOCK_Q)
     block_g = block_g or max(k + 1, DEFAULT_TILE_ELEMENTS // block_q)
-    vals = queries.new_empty((nq, 0), dtype=dt)
-    idx = queries.new_empty((nq, 0), dtype=torch.int64)
+    vals = queries.new_empty((nq, k), dtype=dt)
+    idx = queries.new_empty((nq, k), dtype=torch.int64)
+    # one score buffer for every tile: the GEMM writes into it (no fresh 16 MB allocation, and page faults, per tile)
+    buf = queries.new_empty((block_q * min(block_g, ng),), dtype=dt)
     for g0 in range(0, ng, block_g):
-        g_tile = gallery[g0:g0 + block_g].to(dt)  # (bg, D)
-        new_vals, new_idx = [], []
+        g_tile = gallery[g0:g0 + block_g].to(dt).T  # (D, bg)
         for q0 in range(0, nq, block_q):
-            scores = queries[q0:q0 + block_q].to(dt) @ g_tile.T  # (bq, bg)
-            v, i = tile_topk(scores, k)
-            v, i = merge_topk(vals[q0:q0 + block_q], idx[q0:q0 + block_q], v, i + g0, k)
-            new_vals.append(v)
-            new_idx.append(i)
-        vals, idx = torch.cat(new_vals), torch.cat(new_idx)
+            q_chunk = queries[q0:q0 + block_q].to(dt)  # (bq, D)
+            scores = buf[:q_chunk.shape[0] * g_tile.shape[1]].view(q_chunk.shape[0], g_tile.shape[1])
+            torch.mm(q_chunk, g_tile, out=scores)  # (bq, bg)
+            run_v, run_i = vals[q0:q0 + block_q], idx[q0:q0 + block_q]  # views: updated in place
+            if g0 == 0:  # the first tile holds at least k columns (block_g > k, G >= k): it fills the running top-k
+                v, i = tile_topk(scores, k)
+                run_v[:], run_i[:] = merge_topk(run_v[:, :0], run_i[:, :0], v, i, k)
+                continue
+            _merge_entrants(run_v, run_i, scores, g0, k)
     return vals, idx
+
+
+def _merge_entrants(run_v: torch.Tensor, run_i: torch.Tensor, scores: torch.Tensor, g0: int, k: int) -> None:
+    """Merge into a full running top-k (R, k), in place, the scores of a later tile (R, n) (gallery rows g0...)
+    that can enter it: those above the row's running k-th score, or NaN (which ranks above every number). An equal
+    score cannot enter: the running entry has the lower index.
+
+    The maxima of blocks of ``ENTRANT_BLOCK`` columns (one cheap reduction) find the blocks holding an entrant;
+    only those are compared, and their entrants are gathered into a (rows, most entrants) block padded with -inf
+    at an index past every real one (a pad ranks below all, and never enters: the running top-k is full) and
+    merged. A tile with many entrants per row (early in a search) takes the tile's top-k instead.
+    """
+    n_rows, n = scores.shape
+    width = ENTRANT_BLOCK if n % ENTRANT_BLOCK == 0 else n
+    blocks = scores.view(n_rows, n // width, width)
+    thr = run_v[:, k - 1]
+    block_max = blocks.amax(dim=2)  # (R, n / width); NaN if the block holds one
+    nan_blocks = block_max.isnan()
+    r_b, b_b = ((block_max > thr[:, None]) | nan_blocks).nonzero(as_tuple=True)  # row-major
+    if r_b.numel() == 0:
+        return
+    sub = blocks[r_b, b_b]  # (blocks, width)
+    hit = sub > thr[r_b, None]
+    if nan_blocks.any():
+        hit |= sub.isnan()
+    a_of, c_of = hit.nonzero(as_tuple=True)  # ascending (row, column) order
+    rows, row_of = r_b[a_of].unique_consecutive(return_inverse=True)
+    col_of = b_b[a_of] * width + c_of
+    count = torch.bincount(row_of, minlength=rows.numel())  # (r,) >= 1
+    most = int(count.max())
+    if most > max(2 * k, n // 16):
+        v, i = tile_topk(scores[rows], k)
+    else:
+        slot = torch.arange(row_of.numel(), device=sub.device) - (count.cumsum(0) - count)[row_of]
+        v = sub.new_full((rows.numel(), most), float("-inf"))
+        i = torch.full((rows.numel(), most), torch.iinfo(torch.int64).max - g0, dtype=torch.int64,
+                       device=sub.device)
+        v[row_of, slot] = sub[a_of, c_of]
+        i[row_of, slot] = col_of
+    run_v[rows], run_i[rows] = merge_topk(run_v[rows], run_i[rows], v, i + g0, k)
