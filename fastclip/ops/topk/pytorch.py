@@ -1,9 +1,10 @@
 """Streaming top-k similarity in PyTorch, any device (the CPU default).
 
 The gallery is swept in tiles of ``block_g`` rows; for each tile and each chunk of ``block_q`` queries the (block_q,
-block_g) score tile is formed in fp32 (fp64 for fp64 inputs), reduced to its k best, and merged into a running
-(Q, k) top-k. Memory beyond the inputs: the (Q, k) result, one score tile and one tile of the gallery in the
-accumulation dtype; the (Q, G) matrix never exists.
+block_g) score tile is formed in fp32 (fp64 for fp64 inputs) into one reused buffer, and merged into a running
+(Q, k) top-k: the first tile through its top-k, later ones only where a column block's maximum beats the running
+k-th score (see :func:`_merge_entrants`). Memory beyond the inputs: the (Q, k) result, one score tile and one tile
+of the gallery in the accumulation dtype; the (Q, G) matrix never exists.
 
 Exact order (values descending, NaN first as in torch.topk, ties by the lower index) at the cost of a top-k, not a
 sort, per tile: ``torch.topk`` picks k + 1 candidates, and a row whose k-th and (k + 1)-th scores are equal (a tie
