@@ -2,8 +2,10 @@
 broken by the lower index), every backend, odd sizes, k = 1..299 (the triton backend up to its limit, 128), ties,
 NaN and inf, chunked galleries, gradients.
 """
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -352,15 +354,123 @@ def test_bench_topk_writes_csv(tmp_path, capsys):
     assert "faiss" in capsys.readouterr().out
 
 
-def test_autocast_scores_in_the_autocast_dtype():
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_autocast_scores_in_the_autocast_dtype(backend):
+    # both inputs are cast (as autocast casts both operands of queries @ gallery.T), on every backend
     q, g = torch.randn(9, 16), torch.randn(50, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        v, i = fastclip.topk_similarity(q, g, 7, backend="torch")
-        v_chunked, i_chunked = fastclip.topk_similarity(q, g, 7, backend="torch", gallery_chunk=13)
-    rv, ri = fastclip.topk_similarity(q.bfloat16(), g.bfloat16(), 7, backend="torch")
+        v, i = fastclip.topk_similarity(q, g, 7, backend=backend)
+        v_chunked, i_chunked = fastclip.topk_similarity(q, g, 7, backend=backend, gallery_chunk=13)
+    rv, ri = fastclip.topk_similarity(q.bfloat16(), g.bfloat16(), 7, backend=backend)
     assert torch.equal(v, rv) and torch.equal(i, ri)
     # other GEMM shapes may sum the (exact) bf16 products in another order: the last fp32 bit may differ
     torch.testing.assert_close(v_chunked, rv, atol=1e-5, rtol=1e-6)
     assert torch.equal(i_chunked, ri)
 
 
+
+
+@pytest.mark.parametrize("gallery_chunk", [0, -3, True, 2.0, "4"])
+def test_bad_gallery_chunk(gallery_chunk):
+    q, g = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=rf"^gallery_chunk must be a positive integer or None, got "
+                                         rf"{re.escape(repr(gallery_chunk))}$"):
+        fastclip.topk_similarity(q, g, 2, gallery_chunk=gallery_chunk)
+
+
+def test_bad_input_messages_name_the_layout_and_the_devices():
+    q, g = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"^queries must be 2-D \(queries, dim\), got shape \(4,\), dtype float32"):
+        fastclip.topk_similarity(q[0], g, 2)
+    with pytest.raises(ValueError, match=r"^gallery must be 2-D \(gallery size, dim\), got shape \(4,\), dtype"):
+        fastclip.topk_similarity(q, g[0], 2)
+    # a gallery on another device than the queries must be on the host (streamed from there); meta stands in for
+    # a GPU: the checks refuse a meta gallery with host queries, naming both ...
+    with pytest.raises(ValueError, match=re.escape(
+            "gallery must be on the queries' device or on the CPU (streamed to the queries' device), got queries "
+            "shape (3, 4), dtype float32, device cpu; gallery shape (5, 4), dtype float32, device meta")):
+        fastclip.topk_similarity(q, g.to("meta"), 2)
+    # ... and let a host gallery with meta queries, or both on meta, through to the dispatcher (no backend runs meta)
+    for qd, gd in [("meta", "cpu"), ("meta", "meta")]:
+        with pytest.raises(fastclip.BackendError, match="meta tensors are not supported"):
+            fastclip.topk_similarity(q.to(qd), g.to(gd), 2, backend="torch")
+
+
+def test_host_gallery_chunk_rows(monkeypatch):
+    """A gallery on another device than the queries (the host; meta stands in for a GPU) reaches the op in chunks
+    of _HOST_CHUNK_BYTES // (D * element size) rows, at least one; gallery_chunk overrides; a gallery on the
+    queries' device goes whole (0) unless gallery_chunk says otherwise."""
+    from fastclip.ops import topk
+
+    monkeypatch.setattr(topk, "_HOST_CHUNK_BYTES", 1000)
+    for dtype, d, gallery_chunk, rows in [(torch.float16, 10, None, 50), (torch.float32, 10, None, 25),
+                                          (torch.float32, 10, 7, 7), (torch.float64, 300, None, 1)]:
+        q, g = torch.randn(3, d, device="meta", dtype=dtype), torch.randn(60, d, dtype=dtype)
+        assert topk._gallery_chunk(q, g, gallery_chunk) == rows, (dtype, d, gallery_chunk)
+    q, g = torch.randn(3, 10), torch.randn(60, 10)
+    assert topk._gallery_chunk(q, g, None) == 0
+    assert topk._gallery_chunk(q, g, 7) == 7
+
+
+def test_chunks_reach_the_backend_on_the_queries_device_and_dtype():
+    """Each chunk of a host gallery is moved to the queries' device and dtype before a backend sees it (fp16
+    queries on meta, an fp32 host gallery); the merged result is (Q, k) in the accumulation dtype there."""
+    from fastclip.ops import topk
+
+    seen = []
+
+    def impl(q, part, k):
+        seen.append((part.device.type, part.dtype, part.shape[0], k))
+        return q.new_zeros((q.shape[0], k), dtype=torch.float32), q.new_zeros((q.shape[0], k), dtype=torch.int64)
+
+    q, g = torch.randn(3, 8, device="meta", dtype=torch.float16), torch.randn(50, 8)
+    v, i = topk._chunked(q, g, 12, impl, 20)
+    assert seen == [("meta", torch.float16, 20, 12), ("meta", torch.float16, 20, 12), ("meta", torch.float16, 10, 10)]
+    assert v.shape == i.shape == (3, 12) and v.device.type == i.device.type == "meta"
+    assert v.dtype == torch.float32 and i.dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_gallery_goes_whole_unless_chunked(monkeypatch, backend):
+    """A gallery on the queries' device reaches the backend in one piece (the host budget does not apply to it),
+    or gallery_chunk rows at a time."""
+    from fastclip.ops import topk
+
+    monkeypatch.setattr(topk, "_HOST_CHUNK_BYTES", 64)  # 4 rows of 4 fp32: would show if it applied
+    seen = []
+    row = topk.supports(topk.OP)[backend]
+    monkeypatch.setitem(topk.supports(topk.OP), backend, dataclasses.replace(
+        row, impl=lambda q, part, k: seen.append(part.shape[0]) or topk_similarity_ref(q, part, k)))
+    q, g = torch.randn(3, 4), torch.randn(50, 4)
+    ref = topk_similarity_ref(q, g, 5)
+    for gallery_chunk, parts in [(None, [50]), (20, [20, 20, 10])]:
+        seen.clear()
+        out = fastclip.topk_similarity(q, g, 5, backend=backend, gallery_chunk=gallery_chunk)
+        assert seen == parts, (gallery_chunk, seen)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize("gallery_chunk", [None, 13])
+def test_values_dtype_does_not_follow_the_default_dtype(gallery_chunk):
+    # values are fp32 for fp16/fp32 inputs whatever torch.set_default_dtype says (fp64 users set it)
+    q, g = torch.randn(4, 8), torch.randn(40, 8)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for dtype in (torch.float16, torch.float32):
+            v, _ = fastclip.topk_similarity(q.to(dtype), g.to(dtype), 5, backend="torch", gallery_chunk=gallery_chunk)
+            assert v.dtype == torch.float32, (dtype, v.dtype)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_reference_backend_is_plain_autograd():
+    """The reference backend is the naive maths without the custom op, so every autograd mode works on it:
+    forward-mode AD (jvp; through the custom op, which has no formula for it, the tangent comes out zero) gives
+    the derivative of the chosen scores, d(q_i . g_j) = dq_i . g_j + q_i . dg_j."""
+    q, g = torch.randn(5, 6, dtype=torch.float64), torch.randn(30, 6, dtype=torch.float64)
+    dq, dg = torch.randn_like(q), torch.randn_like(g)
+    (v, i), (dv, _) = torch.func.jvp(lambda a, b: fastclip.topk_similarity(a, b, 4, backend="reference"), (q, g),
+                                     (dq, dg))
+    assert torch.equal(i, topk_similarity_ref(q, g, 4)[1])
+    torch.testing.assert_close(dv, (dq[:, None, :] * g[i]).sum(-1) + (q[:, None, :] * dg[i]).sum(-1))
