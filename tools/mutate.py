@@ -161,6 +161,28 @@ _CONTRASTIVE = [
           "bias+smoothing-float16-torch"),
 ]
 
+# The tests that go through flash_attention: the checks' messages, the torch and reference backends at a small
+# shape with every mask, autocast, and the custom ops' glue (saved inputs, causal, mask, scale) through the
+# smallest Triton cross-attention cases; not the Triton numerics at CLIP shapes, nor opcheck and torch.compile
+_MASKS = ("none", "causal", "padding", "causal+padding", "all-padded")
+_ATTENTION = [
+    *_ids("tests/test_attention.py::test_plain_backends_fp64",
+          *(f"2-3-2-16-{m}-{b}" for m in _MASKS for b in ("torch", "reference"))),
+    *_ids("tests/test_attention.py::test_torch_backend_low_precision", "dtype0"),
+    "tests/test_attention.py::test_fully_padded_rows_zero_output_and_finite_grads",
+    *_ids("tests/test_attention.py::test_nan_in_nan_out", "q-reference", "q-torch", "k-triton"),
+    "tests/test_attention.py::test_bad_inputs_raise_clear_errors",
+    "tests/test_attention.py::test_bad_input_messages_in_full",
+    "tests/test_attention.py::test_explicit_backend_that_cannot_run_raises",
+    "tests/test_attention.py::test_auto_selection",
+    *_ids("tests/test_attention_cross.py::test_cross_attention",
+          *(f"{c}-dtype0-{b}" for c in ("1-1-33-2-16-False-True", "2-33-1-1-16-True-False")
+            for b in ("reference", "torch", "triton"))),
+    *_ids("tests/test_attention_cross.py::test_causal_is_top_left", "5-12-reference", "5-12-torch", "5-12-triton"),
+    "tests/test_autocast.py::test_attention_under_autocast",
+    "tests/test_checks.py::test_attention_errors",
+]
+
 # module -> the test files (pytest node ids allowed) that exercise it
 MODULE_TESTS = {
     "fastclip/tokenizer.py": ["tests/test_tokenizer.py", "tests/test_regimes_tokenizer.py"],
@@ -209,7 +231,7 @@ MODULE_TESTS = {
     "fastclip/ops/siglip/__init__.py": _SIGLIP,
     "fastclip/ops/siglip/pytorch.py": _SIGLIP_TORCH,
     "fastclip/ops/siglip/reference.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
-    "fastclip/ops/attention/__init__.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
+    "fastclip/ops/attention/__init__.py": _ATTENTION,
     # the tests that run the "torch" backend (test_attention.py's others exercise Triton in the interpreter)
     "fastclip/ops/attention/pytorch.py": [
         "tests/test_attention.py::test_plain_backends_fp64",
