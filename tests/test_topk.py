@@ -330,6 +330,24 @@ def test_host_gallery_streamed_to_gpu():
     _check_valid(q.cpu(), g, 10, v.cpu(), i.cpu())
 
 
+@pytest.mark.gpu
+def test_host_gallery_gradient_on_both_devices():
+    """The backward of a host gallery streamed to the GPU gathers the chosen rows from the host, returns the queries'
+    gradient on the GPU and the gallery's on the host. Small-integer features: scores exact on both devices."""
+    q = _integer_features(30, 16).cuda().requires_grad_()
+    g = _integer_features(500, 16).cpu().requires_grad_()  # on the host
+    gv = torch.randn(30, 7)
+    v, i = fastclip.topk_similarity(q, g, 7, gallery_chunk=128)
+    (v * gv.cuda()).sum().backward()
+    rq, rg = q.detach().cpu().requires_grad_(), g.detach().clone().requires_grad_()
+    rv, ri = topk_similarity_ref(rq, rg, 7)
+    (rv * gv).sum().backward()
+    assert torch.equal(i.cpu(), ri)
+    assert q.grad.device.type == "cuda" and g.grad.device.type == "cpu"
+    torch.testing.assert_close(q.grad.cpu(), rq.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.grad, rg.grad, rtol=1e-5, atol=1e-5)
+
+
 MEMORY_SCRIPT = r"""
 import json, sys, torch
 import fastclip
