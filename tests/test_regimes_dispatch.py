@@ -376,3 +376,21 @@ def test_among_limits_the_backends_a_caller_runs(monkeypatch):
     with pytest.raises(BackendError, match=r"backend 'torch' \(FASTCLIP_BACKEND\) is not run by X"):
         select("contrastive_loss", among=("reference",), caller="X", **kw)
     assert select("contrastive_loss", among=("torch",), caller="X", **kw) is table["torch"]
+
+
+def test_max_sizes_bounds_through_select(monkeypatch):
+    """A row's other size limits (``Support.max_sizes``: top-k's Triton k <= 128) exactly at the bound: the limit is
+    taken, one past it an explicit backend raises naming the size, and auto gives it as its reason."""
+    monkeypatch.delenv("FASTCLIP_BACKEND", raising=False)
+    kw = dict(device=torch.device("cpu"), dtype=torch.float32, dim=16)
+    row = supports("topk_similarity")["triton"]
+    limit = row.max_sizes["k"]
+    assert select("topk_similarity", "triton", sizes={"k": limit}, **kw) is row
+    with pytest.raises(BackendError, match=rf"backend 'triton' cannot run these inputs .*: k {limit + 1} > {limit} "
+                                           rf"\(the largest k this backend takes\)"):
+        select("topk_similarity", "triton", sizes={"k": limit + 1}, **kw)
+    assert select("topk_similarity", "triton", **kw) is row  # no sizes given: nothing to refuse
+    with pytest.raises(BackendError, match=rf"\n  triton: k {limit + 1} > {limit} \(the largest k"):  # auto's reason
+        select("topk_similarity", among=("triton",), sizes={"k": limit + 1}, **kw)
+    with pytest.raises(BackendError, match=r"\n  triton: skipped by auto on the CPU"):  # within the bound
+        select("topk_similarity", among=("triton",), sizes={"k": limit}, **kw)
