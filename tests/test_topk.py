@@ -2,6 +2,7 @@
 broken by the lower index), every backend, odd sizes, k = 1..299 (the triton backend up to its limit, 128), ties,
 NaN and inf, chunked galleries, gradients.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -236,12 +237,14 @@ def test_memmap_gallery_fp16(tmp_path):
     _check_valid(q, g, 9, v, i)
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32),
-                                           ("torch", torch.float16), ("torch", torch.bfloat16)])
-def test_gradient_matches_reference(backend, dtype):
+@pytest.mark.parametrize("backend,dtype,default_device", [
+    ("torch", torch.float64, None), ("triton", torch.float32, None), ("torch", torch.float16, None),
+    ("torch", torch.bfloat16, None), ("torch", torch.float32, "meta")])
+def test_gradient_matches_reference(backend, dtype, default_device):
     """The gradients against autograd through the reference (in fp32 for half inputs: the backward gathers the
     chosen rows in the values' dtype and returns each gradient in its input's dtype), with both inputs requiring a
-    gradient and with each alone."""
+    gradient and with each alone; also with torch's default device set to another one (meta here, cuda for a
+    user), which no buffer of the forward may follow."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     q0, g0 = torch.randn(11, 11, dtype=torch.float64).to(dtype), torch.randn(97, 11, dtype=torch.float64).to(dtype)
     gv = torch.randn(11, 6, dtype=acc)
@@ -250,9 +253,10 @@ def test_gradient_matches_reference(backend, dtype):
     (rv * gv).sum().backward()
     for needs in [(True, True), (True, False), (False, True)]:
         q, g = q0.clone().requires_grad_(needs[0]), g0.clone().requires_grad_(needs[1])
-        v, i = fastclip.topk_similarity(q, g, 6, backend=backend)
+        with torch.device(default_device) if default_device else contextlib.nullcontext():
+            v, i = fastclip.topk_similarity(q, g, 6, backend=backend)
+            (v * gv).sum().backward()
         assert torch.equal(i, ri)
-        (v * gv).sum().backward()
         for leaf, ref, need in [(q, rq, needs[0]), (g, rg, needs[1])]:
             if not need:
                 assert leaf.grad is None
