@@ -85,6 +85,7 @@ _SIGLIP_TORCH = [
 # and reference backends, and the cheapest Triton ones (the "triton" row's impl and dtypes); not the torch
 # backend's tile tests (they call pytorch.py directly), nor the slow Triton cases
 _TOPK = [
+    "tests/test_forward_ad.py",
     *_ids("tests/test_topk.py::test_random_matches_full_topk",
           *(f"torch-dtype{6 * i + j}-{s}" for i in range(4) for j, s in ((0, "1-1-3-1"), (1, "3-77-33-5")))),
     *_ids("tests/test_topk.py::test_ties_lower_index_first", "torch-dtype0-1", "torch-dtype8-10"),
@@ -110,6 +111,7 @@ _TOPK = [
 # Triton ones (the row whose forward defers the text gradient); not the Triton numerics, nor opcheck and
 # torch.compile (seconds each; the ops' bodies and fakes are decorated, which mutmut leaves alone)
 _SIGLIP = [
+    "tests/test_forward_ad.py",
     *_ids("tests/test_siglip.py::test_matches_open_clip_fp64",
           *(f"{s}-{n}-{b}" for s in ("1.0--10.0-True", "30.0-None-False") for n in ("1-5", "3-16")
             for b in ("reference", "torch"))),
@@ -138,6 +140,7 @@ _SIGLIP = [
 # autocast, label smoothing, chunks, the fakes' dtypes, the trained regime); the Triton numerics and torch.compile
 # are left out (seconds each; the ops' bodies and fakes are decorated, which mutmut leaves alone)
 _CONTRASTIVE = [
+    "tests/test_forward_ad.py",
     *_ids("tests/test_contrastive.py::test_matches_open_clip_fp64",
           *(f"{s}-{n}-{b}" for s in ("1.0-None-True", "14.3--2.5-True") for n in ("1-5", "3-16")
             for b in ("reference", "torch"))),
@@ -166,6 +169,7 @@ _CONTRASTIVE = [
 # smallest Triton cross-attention cases; not the Triton numerics at CLIP shapes, nor opcheck and torch.compile
 _MASKS = ("none", "causal", "padding", "causal+padding", "all-padded")
 _ATTENTION = [
+    "tests/test_forward_ad.py",
     *_ids("tests/test_attention.py::test_plain_backends_fp64",
           *(f"2-3-2-16-{m}-{b}" for m in _MASKS for b in ("torch", "reference"))),
     *_ids("tests/test_attention.py::test_torch_backend_low_precision", "dtype0"),
@@ -218,7 +222,7 @@ MODULE_TESTS = {
                                  ("siglip", "auto_selection_and_bf16_on_cpu"),
                                  ("attention", "explicit_backend_that_cannot_run_raises"),
                                  ("attention", "auto_selection"))]],
-    "fastclip/_checks.py": ["tests/test_checks.py", "tests/test_topk.py::test_bad_input",
+    "fastclip/_checks.py": ["tests/test_checks.py", "tests/test_topk.py::test_bad_input", "tests/test_forward_ad.py",
                             *[f"tests/test_{op}.py::test_bad_inputs_raise_clear_errors"
                               for op in ("contrastive", "siglip", "attention")],
                             "tests/test_autocast.py::test_fp64_is_never_cast_by_autocast",

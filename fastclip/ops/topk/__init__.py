@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor
+from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor, refuse_forward_ad
 from fastclip.dispatch import Lazy, Support, no_bf16_in_interpreter, register, select, supports, triton_unavailable
 from fastclip.ops.contrastive.pytorch import acc_dtype
 from fastclip.ops.topk.pytorch import merge_topk
@@ -165,4 +165,5 @@ def topk_similarity(queries: Tensor, gallery: Tensor, k: int, *, backend: str = 
     with torch.autocast(queries.device.type, enabled=False):  # the backends' GEMMs run in the inputs' dtype
         if row.backend == "reference" and not chunk:  # plain PyTorch: autograd differentiates the naive maths
             return row.impl(queries, gallery, k)
+        refuse_forward_ad(OP, row.backend, queries=queries, gallery=gallery)
         return torch.ops.fastclip.topk_similarity(queries, gallery, k, row.backend, chunk)
