@@ -100,7 +100,8 @@ MODULE_TESTS = {
                            # the ranks as threads of the test process: the distributed forwards' arguments
                            "tests/test_distributed.py::test_distributed[world2-clip_local0_gwg0_bias]",
                            "tests/test_distributed.py::test_distributed[world2-siglip_bidir]"],
-    "fastclip/distributed.py": ["tests/test_distributed.py", "tests/test_regimes_distributed.py"],
+    "fastclip/distributed.py": ["tests/test_distributed.py", "tests/test_distributed_edges.py",
+                                "tests/test_regimes_distributed.py"],
     # the dispatcher's own tests, not the numerical files that merely call it (minutes per mutant)
     "fastclip/dispatch.py": ["tests/test_regimes_dispatch.py",
                              *[f"tests/test_{op}.py::test_{t}" for op, t in (
