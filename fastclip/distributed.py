@@ -191,7 +191,7 @@ def _p2p(sends: Sequence[Tuple[Tensor, int]], recvs: Sequence[Tuple[Tensor, int]
     In a group of one rank every peer is the rank itself, which gloo cannot send to: each send is copied into the
     receive of the same position, and nothing is posted."""
     if dist.get_world_size(group) == 1:
-        for (t, _), (out, _) in zip(sends, recvs, strict=True):
+        for (t, _), (out, _) in zip(sends, recvs):
             out.copy_(t)
         return []
     ops = [dist.P2POp(dist.isend, t, group=group, group_peer=p) for t, p in sends]

@@ -104,24 +104,30 @@ def test_ring_functions_defaults():
 def _one_rank(rank, world):
     from fastclip import distributed as D
 
-    glob = _global_inputs(world, bias=-2.0, scale=12.0)
+    # in a world of several ranks, each rank alone in its own group (every rank creates every group)
+    groups = [dist.new_group([r]) for r in range(world)] if world > 1 else [None]
+    group = groups[rank] if world > 1 else None
+    glob = _global_inputs(1, bias=-2.0, scale=12.0)
     for name, ring, parts, expect in [
-            ("contrastive_ring", lambda *a: D.contrastive_ring(*a, backend="torch", chunk_size=2), _clip_halves,
-             dict(loss_everywhere=True, feature_factor=1)),
-            ("contrastive_ring gather_with_grad=False", lambda *a: D.contrastive_ring(*a, gather_with_grad=False),
+            ("contrastive_ring", lambda *a: D.contrastive_ring(*a, backend="torch", chunk_size=2, group=group),
              _clip_halves, dict(loss_everywhere=True, feature_factor=1)),
-            ("siglip_ring", lambda *a: D.siglip_ring(*a, backend="torch", chunk_size=2), _siglip,
+            ("contrastive_ring gather_with_grad=False",
+             lambda *a: D.contrastive_ring(*a, gather_with_grad=False, group=group), _clip_halves,
+             dict(loss_everywhere=True, feature_factor=1)),
+            ("siglip_ring", lambda *a: D.siglip_ring(*a, backend="torch", chunk_size=2, group=group), _siglip,
              dict(loss_everywhere=False, feature_factor=1))]:
         try:
-            _check_single_process(_run(ring, _local_leaves(glob, rank)), glob, rank, world, parts, **expect)
+            _check_single_process(_run(ring, _local_leaves(glob, 0)), glob, 0, 1, parts, group=group, **expect)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
 
 
-def test_rings_on_a_one_rank_group():
-    """The ring functions on a group of one rank (the loss modules take the single-process path at world_size=1;
-    the functions take any group): the single-process loss, and nothing sent to itself."""
-    run_ranks(1, _one_rank)
+@pytest.mark.parametrize("world", [1, 2], ids=["world1", "world2_singleton_groups"])
+def test_rings_on_a_one_rank_group(world):
+    """The ring functions on a group of one rank, alone in the world or in a world of two (the loss modules take
+    the single-process path at world_size=1; the functions take any group): the single-process loss; nothing is
+    sent to the rank itself (gloo cannot) nor to a rank outside the group."""
+    run_ranks(world, _one_rank)
 
 
 # ---------------------------------------------------------------------------------------------------------------
