@@ -279,3 +279,25 @@ def test_bad_input_on_one_rank_fails_fast_everywhere():
     ValueError within seconds (a rank that skipped or resized the shape exchange would leave the others waiting
     in it until gloo's timeout, here 10 s)."""
     run_ranks(2, _bad_on_rank0, timeout=10.0)
+
+
+def _rings_on_the_gpu(rank, world, backend):
+    from fastclip import distributed as D
+
+    glob = _global_inputs(1, torch.float32, bias=-2.0, scale=12.0)
+    for ring, parts, expect in [(D.contrastive_ring, _clip_halves, dict(loss_everywhere=True, feature_factor=1)),
+                                (D.siglip_ring, _siglip, dict(loss_everywhere=False, feature_factor=1))]:
+        leaves = [t.detach().cuda().requires_grad_() for t in glob]
+        loss, grads = _run(lambda *a: ring(*a, backend=backend), leaves)
+        assert loss.device.type == "cuda" and all(g.device.type == "cuda" for g in grads), ring.__name__
+        _check_single_process((loss.cpu(), [g.cpu() for g in grads]), glob, rank, world, parts, rtol=1e-5,
+                              atol=1e-6, **expect)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rings_keep_every_accumulator_on_the_gpu(backend):
+    """Both rings with CUDA features (one rank: the rings send nothing, the contrastive ring's all-reduces go
+    through gloo's CUDA path): every accumulator (the loss, dI, d_logit_scale, d_logit_bias, the upstream 1 of
+    SigLIP's deferred text gradient) on the features' device, which CUDA enforces, values as the fp32 global loss."""
+    run_ranks(1, _rings_on_the_gpu, backend)
