@@ -24,8 +24,9 @@ NOT_PASSED = "not passed"
 
 
 def _spy_blocks(monkeypatch):
-    """Record (backend module, function, chunk_size) of every block call, from every rank's thread. The Support
-    rows call their functions through ``Lazy`` (looked up at call time), so patching the module is enough."""
+    """Record (backend module, function, chunk_size, dtype of the features) of every block call, from every rank's
+    thread. The Support rows call their functions through ``Lazy`` (looked up at call time), so patching the module
+    is enough."""
     calls = []
     for op, functions in BLOCKS.items():
         for backend in ("pytorch", "triton"):
@@ -33,7 +34,8 @@ def _spy_blocks(monkeypatch):
             for name, pos in functions.items():
                 def spy(*args, _real=getattr(module, name), _key=(backend, name), _pos=pos, **kwargs):
                     chunk = args[_pos] if len(args) > _pos else kwargs.get("chunk_size", NOT_PASSED)
-                    calls.append(_key + (chunk,))
+                    features = next(a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2)
+                    calls.append(_key + (chunk, features.dtype))
                     return _real(*args, **kwargs)
                 monkeypatch.setattr(module, name, spy)
     return calls
@@ -48,23 +50,26 @@ def _ring_losses(rank, world, backend, chunk_size, dtype):
         _run(loss_fn, leaves)
 
 
-# backend asked for, chunk_size given -> the block module that must run, the chunk size its blocks must get
-# ("reference" runs the torch blocks as one chunk of N_local rows; N_local != DIM, so neither is taken for the other)
+# backend asked for, chunk_size given, features' dtype -> the block module that must run, the chunk size its blocks
+# must get ("reference" runs the torch blocks as one chunk of N_local rows; N_local != DIM, so neither is taken for
+# the other). The blocks get the features in their dtype (the Triton kernels' GEMMs run in fp16 for fp16 features)
 RING_BLOCKS = [("torch", 2, torch.float64, "pytorch", 2), ("torch", None, torch.float64, "pytorch", None),
-               ("reference", 2, torch.float64, "pytorch", N_LOCAL), ("triton", 3, torch.float32, "triton", 3)]
+               ("reference", 2, torch.float64, "pytorch", N_LOCAL), ("triton", 3, torch.float32, "triton", 3),
+               ("triton", None, torch.float16, "triton", None)]
 
 
 @pytest.mark.parametrize("backend, chunk_size, dtype, module, chunk", RING_BLOCKS,
-                         ids=[f"{b}-chunk{c}" for b, c, *_ in RING_BLOCKS])
+                         ids=[f"{b}-chunk{c}-{str(d)[6:]}" for b, c, d, *_ in RING_BLOCKS])
 def test_rings_run_the_backend_asked_for_with_its_chunk_size(backend, chunk_size, dtype, module, chunk, monkeypatch):
     """Both rings run every block (forward, backward, SigLIP's deferred text gradient) on the backend named, with
-    the chunk_size given, and no other backend's blocks (auto takes torch on the CPU: triton must still be triton)."""
+    the chunk_size given and the features in their dtype, and no other backend's blocks (auto takes torch on the
+    CPU: triton must still be triton)."""
     calls = _spy_blocks(monkeypatch)
     run_ranks(2, _ring_losses, backend, chunk_size, dtype)
-    functions = {name for _, name, _ in calls}
+    functions = {name for _, name, _, _ in calls}
     want = {"contrastive_fwd", "contrastive_bwd", "siglip_fwd"} | ({"siglip_bwd_text"} if module == "triton" else set())
     assert functions == want, sorted(functions)
-    assert {(m, c) for m, _, c in calls} == {(module, chunk)}, sorted(set(calls))
+    assert {(m, c, d) for m, _, c, d in calls} == {(module, chunk, dtype)}, sorted(set(calls), key=repr)
 
 
 def _explicit_backend_refused(rank, world):
