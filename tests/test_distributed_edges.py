@@ -4,6 +4,7 @@ rings' own defaults, one-rank groups, bf16 features of a trained model, and bad 
 The ranks are threads of the test process over gloo (``tests/threaded_ranks.py``), as in test_distributed.py,
 whose inputs and single-process fp64 checks these tests reuse.
 """
+import contextlib
 import importlib
 import threading
 
@@ -113,6 +114,9 @@ def _one_rank(rank, world):
     groups = [dist.new_group([r]) for r in range(world)] if world > 1 else [None]
     group = groups[rank] if world > 1 else None
     glob = _global_inputs(1, bias=-2.0, scale=12.0)
+    img, txt, s, b = _local_leaves(glob, 0)
+    D.check_same_shapes(img, txt, rank=0, group=group)  # one rank always agrees with itself
+    assert D.prepare(0, 1, group, img, txt, s, b) == (group, 0, 1, s, b)
     for name, ring, parts, expect in [
             ("contrastive_ring", lambda *a: D.contrastive_ring(*a, backend="torch", chunk_size=2, group=group),
              _clip_halves, dict(loss_everywhere=True, feature_factor=1)),
@@ -229,6 +233,36 @@ def test_siglip_ring_text_gradient_travels_in_fp32(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: every rank raises at once with a clear error, on one rank or on all
+
+
+def _exchange_devices(rank, world, asked):
+    from fastclip import distributed as D
+
+    group = dist.new_group(list(range(world)))  # not the default group: the exchange must ask about this one
+    ok = torch.zeros(N_LOCAL, DIM)
+    for image in (ok, None, [[0.0] * DIM] * N_LOCAL):  # a tensor, None, a nested list (not a tensor)
+        mine = image if rank == 0 else ok
+        with contextlib.nullcontext() if image is ok else pytest.raises(ValueError):
+            D.check_same_shapes(mine, ok, rank=rank, group=group)
+        (got_group, like), = asked.pop(threading.get_ident())
+        assert got_group is group, got_group
+        assert like is (mine if isinstance(mine, torch.Tensor) else None), like
+
+
+def test_shape_exchange_asks_where_its_group_moves_tensors(monkeypatch):
+    """The shapes travel on the device the group's backend moves (NCCL: the features' GPU; gloo: the CPU, which
+    _comm_device decides, test_distributed.py::test_comm_device): check_same_shapes asks _comm_device with the group
+    it exchanges on and the image features when they are a tensor (else None, and the current GPU)."""
+    from fastclip import distributed as D
+
+    asked, real = {}, D._comm_device
+
+    def recorded(group, like):
+        asked.setdefault(threading.get_ident(), []).append((group, like))
+        return real(group, like)
+
+    monkeypatch.setattr(D, "_comm_device", recorded)
+    run_ranks(2, _exchange_devices, asked)
 
 
 def _raises_exactly(exc, message, fn, *args):
