@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastclip._checks import as_scalar, check_feature_pair
-from fastclip.dispatch import AUTO_ORDER, BackendError, select, supports
+from fastclip.dispatch import select, supports
 from fastclip.ops.contrastive.pytorch import _logits, _rowdot, acc_dtype
 from fastclip.ops.siglip import _needs_grad
 
@@ -482,23 +482,10 @@ class _ContrastiveRing(torch.autograd.Function):
 def _ring_backend(backend: str, image: Tensor):
     """The Support row the ring runs. The ring merges its blocks' (max, log-sum) statistics, so it takes only the
     backends whose statistics' log base it knows (``_STATS_UNIT``, and "reference", run as "torch"). The ``cuda``
-    backend is not one of them yet (nothing has run it inside the ring): asked for by name it is refused; where
-    "auto" would pick it, the ring takes the next backend of the auto order that runs these inputs."""
-    kw = dict(device=image.device, dtype=image.dtype, dim=image.shape[1])
-    row = select("contrastive_loss", backend, **kw)
-    if row.backend in _STATS_UNIT or row.backend == "reference":
-        return row
-    if backend != "auto":
-        raise BackendError(f"contrastive_loss with dist_impl='ring': backend {backend!r} is not supported by the "
-                           f"ring (it runs {sorted(_STATS_UNIT) + ['reference']}); use one of those or 'auto'")
-    for name in AUTO_ORDER:
-        if name in _STATS_UNIT or name == "reference":
-            try:
-                return select("contrastive_loss", name, **kw)
-            except BackendError:
-                continue
-    raise BackendError(f"contrastive_loss with dist_impl='ring': no backend the ring runs takes these inputs "
-                       f"({image.dtype}, {image.device}, D = {image.shape[1]})")
+    backend is not one of them yet (nothing has run it inside the ring): asked for by name or by
+    ``FASTCLIP_BACKEND`` it is refused; "auto" skips it."""
+    return select("contrastive_loss", backend, device=image.device, dtype=image.dtype, dim=image.shape[1],
+                  among=(*_STATS_UNIT, "reference"), caller="contrastive_loss with dist_impl='ring'")
 
 
 def contrastive_ring(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor], *, backend: str = "auto",
