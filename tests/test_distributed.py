@@ -500,7 +500,7 @@ def test_all_gather_with_grad(world, members, backend, monkeypatch):
 def _ring_traffic(rank, world, sends):
     """What each ring sends, as its docstring says: SigLIP, W - 1 hops of the text block (input dtype) and, with a
     gradient, W hops of its fp32 gradient; CLIP, the same for the block and its column lse (n,) forward, and again
-    for both with the gradient's W hops backward. Nothing else travels."""
+    for the block with its column statistics (2, n) and the gradient's W hops backward. Nothing else travels."""
     import threading
 
     import fastclip
@@ -509,14 +509,14 @@ def _ring_traffic(rank, world, sends):
     me = threading.get_ident()
     n, d, f32 = N_LOCAL, DIM, torch.float32
     # bf16 features; the CLIP ring's torch blocks compute in fp32, so its text blocks travel in fp32
-    text, block, lse = ((n, d), torch.bfloat16), ((n, d), f32), ((n,), f32)
+    text, block, lse, stats = ((n, d), torch.bfloat16), ((n, d), f32), ((n,), f32), ((2, n), f32)
     for loss_fn, grad, want in [
         (fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"), False,
          [[text]] * (world - 1)),
         (fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"), True,
          [[text]] * (world - 1) + [[block]] * world),
         (fastclip.ContrastiveLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"), True,
-         [[block]] * (world - 1) + [[lse]] * world + [[block, lse]] * (world - 1) + [[block]] * world),
+         [[block]] * (world - 1) + [[lse]] * world + [[block, stats]] * (world - 1) + [[block]] * world),
     ]:
         sends[me] = []
         leaves = _local_leaves(glob, rank)
