@@ -446,6 +446,9 @@ class _ContrastiveRing(torch.autograd.Function):
         dt = row_stats.dtype
         # the block backward's coefficient is g / (2 N_local) = W g / (2 N_global): W times dL/dS of the global
         # loss. Features keep feature_factor / W of that, logit_scale 1 / W (then summed over ranks).
+        # the blocks return d(logit_scale) in the scale's dtype: given the scale in dt, a bf16 logit_scale's
+        # per-block values are summed unrounded and rounded once, at the end (as the features' gradients are)
+        s_block = scale.detach().to(dt)
         d_image = torch.zeros(a.shape, dtype=dt, device=a.device)
         d_scale = torch.zeros((), dtype=dt, device=a.device)
         dt_reqs, dt_in = None, None
@@ -455,7 +458,8 @@ class _ContrastiveRing(torch.autograd.Function):
                 t_reqs = _p2p([(t, right), (tc, right)], [(t_next, left), (tc_next, left)], group)
             # no positive pair in another rank's block: its backward runs without the targets (undoing them after
             # would cancel a confident row's small gradient against the rounding of -2 s T_i)
-            da, db, ds = bwd(grad.reshape(()), a, t, scale, bias, row_stats, tc, 0.0, ctx.chunk_size, targets=k == 0)
+            da, db, ds = bwd(grad.reshape(()), a, t, s_block, bias, row_stats, tc, 0.0, ctx.chunk_size,
+                             targets=k == 0)
             da, db, ds = da.to(dt), db.to(dt), ds.to(dt).reshape(())
             d_image += da
             d_scale += ds

@@ -160,7 +160,8 @@ def test_contrastive_ring_bf16_is_the_fp32_ring_rounded_once(scale_dtype):
     """bf16 features at cos 0.45 .. 0.6, scale 100 (p_ii -> 1: every gradient is a small difference of large
     terms, which the ring's off-diagonal corrections cancel). The torch blocks compute in fp32, so the bf16 ring is
     the fp32 ring of the same (bf16-rounded) values, rounded once to bf16 at the end, bit for bit: any intermediate
-    rounded to bf16 (a block's input or gradient, the upstream coefficient) shows."""
+    rounded to bf16 (a block's input or gradient, the upstream coefficient, a block's d(logit_scale) for a bf16
+    logit_scale) shows."""
     img, txt = (t.detach().to(torch.bfloat16).double() for t in trained_features(W_BF16 * N_BF16, D_BF16))
     grad = float(torch.tensor(0.7, dtype=torch.bfloat16))  # the upstream gradient as autograd hands it to bf16
     runs = {dtype: run_ranks(W_BF16, _contrastive_ring_run, img, txt, dtype,
