@@ -60,12 +60,20 @@ def _comm_device(group, like: Optional[Tensor]) -> torch.device:
 def prepare(rank: int, world_size: int, group, image: Tensor, text: Tensor, logit_scale, logit_bias):
     """A distributed loss's prologue: the group, every rank's shapes checked to agree, the scalars as tensors.
 
+    The scalars are checked with the features, before the ranks exchange their shapes: a bad ``logit_scale`` on one
+    rank makes every rank raise, instead of leaving the others waiting in the loss's first collective.
     Returns (group, rank, world, scale, bias).
     """
     group, rank_in_group, world = resolve(rank, world_size, group)
-    check_same_shapes(image, text, rank=rank, group=group, local_check=check_feature_pair)
-    scale = as_scalar(logit_scale, "logit_scale", image, required=True)
-    bias = as_scalar(logit_bias, "logit_bias", image, required=False)
+    scalars = []
+
+    def local_check(image, text):
+        check_feature_pair(image, text)
+        scalars.append(as_scalar(logit_scale, "logit_scale", image, required=True))
+        scalars.append(as_scalar(logit_bias, "logit_bias", image, required=False))
+
+    check_same_shapes(image, text, rank=rank, group=group, local_check=local_check)
+    scale, bias = scalars
     return group, rank_in_group, world, scale, bias
 
 
@@ -101,7 +109,7 @@ def check_same_shapes(image_features, text_features, *, rank: int, group=None, l
         raise local_error
     bad = [r for r, row in enumerate(rows) if row[5]]
     if bad:
-        raise ValueError(f"rank(s) {bad} of the process group got invalid features (their own error says why); "
+        raise ValueError(f"rank(s) {bad} of the process group got invalid inputs (their own error says why); "
                          f"every rank stops here rather than wait for them")
     if any(row != rows[0] for row in rows):
         names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
@@ -178,7 +186,14 @@ def all_reduce_with_grad(x: Tensor, group=None) -> Tensor:
 
 
 def _p2p(sends: Sequence[Tuple[Tensor, int]], recvs: Sequence[Tuple[Tensor, int]], group) -> List:
-    """Post sends and receives (peers are ranks within ``group``) as one batch; returns the requests."""
+    """Post sends and receives (peers are ranks within ``group``) as one batch; returns the requests.
+
+    In a group of one rank every peer is the rank itself, which gloo cannot send to: each send is copied into the
+    receive of the same position, and nothing is posted."""
+    if dist.get_world_size(group) == 1:
+        for (t, _), (out, _) in zip(sends, recvs):
+            out.copy_(t)
+        return []
     ops = [dist.P2POp(dist.isend, t, group=group, group_peer=p) for t, p in sends]
     ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=p) for t, p in recvs]
     return dist.batch_isend_irecv(ops)
@@ -431,6 +446,9 @@ class _ContrastiveRing(torch.autograd.Function):
         dt = row_stats.dtype
         # the block backward's coefficient is g / (2 N_local) = W g / (2 N_global): W times dL/dS of the global
         # loss. Features keep feature_factor / W of that, logit_scale 1 / W (then summed over ranks).
+        # the blocks return d(logit_scale) in the scale's dtype: given the scale in dt, a bf16 logit_scale's
+        # per-block values are summed unrounded and rounded once, at the end (as the features' gradients are)
+        s_block = scale.detach().to(dt)
         d_image = torch.zeros(a.shape, dtype=dt, device=a.device)
         d_scale = torch.zeros((), dtype=dt, device=a.device)
         dt_reqs, dt_in = None, None
@@ -440,7 +458,8 @@ class _ContrastiveRing(torch.autograd.Function):
                 t_reqs = _p2p([(t, right), (tc, right)], [(t_next, left), (tc_next, left)], group)
             # no positive pair in another rank's block: its backward runs without the targets (undoing them after
             # would cancel a confident row's small gradient against the rounding of -2 s T_i)
-            da, db, ds = bwd(grad.reshape(()), a, t, scale, bias, row_stats, tc, 0.0, ctx.chunk_size, targets=k == 0)
+            da, db, ds = bwd(grad.reshape(()), a, t, s_block, bias, row_stats, tc, 0.0, ctx.chunk_size,
+                             targets=k == 0)
             da, db, ds = da.to(dt), db.to(dt), ds.to(dt).reshape(())
             d_image += da
             d_scale += ds

@@ -422,7 +422,7 @@ def _(rank, world):
         with pytest.raises(ValueError, match="different feature dims"):
             D.check_same_shapes(bad, ok, rank=rank, local_check=check_feature_pair)
     else:
-        _raises_exactly(ValueError, "rank(s) [0] of the process group got invalid features (their own error says "
+        _raises_exactly(ValueError, "rank(s) [0] of the process group got invalid inputs (their own error says "
                         "why); every rank stops here rather than wait for them", D.check_same_shapes, ok, ok,
                         rank=rank, local_check=check_feature_pair)
     # rank 0 passes the wrong rank: its own error there, the others name it
