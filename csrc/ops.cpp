@@ -94,7 +94,7 @@ std::tuple<Tensor, Tensor> contrastive_stats_cpu(const Tensor& image, const Tens
 
 std::tuple<Tensor, Tensor> contrastive_grad_cpu(const Tensor& a, const Tensor& b, const Tensor& scale,
                                                 const Tensor& diag, const Tensor& a_stats, const Tensor& b_stats,
-                                                double, double) {
+                                                double, double, bool) {
   check_contrastive_features("contrastive_grad_cuda", a, b, scale);
   check_diag("contrastive_grad_cuda", diag, a);
   check_stats("contrastive_grad_cuda", "a_stats", a_stats, a.size(0), a);
@@ -148,11 +148,12 @@ std::tuple<Tensor, Tensor> contrastive_stats_cuda(const Tensor& image_in, const 
 
 // Returns (grad_a, ds_dot): grad_a[i] = sum_j ds_ij b_j, fp32 (N, D), with ds_ij = 2^(t_ij - lse2_a[i]) +
 // 2^(t_ij - lse2_b[j]) - diag_coef [i == j] - uniform_coef; ds_dot[i] = sum_j ds_ij <a_i, b_j>, fp32 (N), from ds
-// before the kernel rounds it for the second GEMM (d(scale) is formed from it). Image gradient: (image, text,
-// row_stats, col_stats); text: (text, image, col, row).
+// before the kernel rounds it for the second GEMM (d(scale) is formed from it), or an empty (0) tensor when
+// with_ds_dot is false (the kernel then skips it). Image gradient: (image, text, row_stats, col_stats); text:
+// (text, image, col, row), which needs no ds_dot.
 std::tuple<Tensor, Tensor> contrastive_grad_cuda(const Tensor& a_in, const Tensor& b_in, const Tensor& scale,
                                                  const Tensor& diag_in, const Tensor& a_stats, const Tensor& b_stats,
-                                                 double diag_coef, double uniform_coef) {
+                                                 double diag_coef, double uniform_coef, bool with_ds_dot) {
   const char* op = "contrastive_grad_cuda";
   check_contrastive_features(op, a_in, b_in, scale);
   check_diag(op, diag_in, a_in);
@@ -164,7 +165,7 @@ std::tuple<Tensor, Tensor> contrastive_grad_cuda(const Tensor& a_in, const Tenso
   Tensor as = a_stats.contiguous(), bs = b_stats.contiguous(), scale_f = scale.reshape({1}).contiguous();
   Tensor diag = diag_in.contiguous();
   Tensor grad = at::empty({a.size(0), a.size(1)}, a.options().dtype(at::kFloat));
-  Tensor ds_dot = at::empty({a.size(0)}, a.options().dtype(at::kFloat));
+  Tensor ds_dot = at::empty({with_ds_dot ? a.size(0) : 0}, a.options().dtype(at::kFloat));
   ContrastiveBwdParams p{};
   p.a = static_cast<const uint16_t*>(a.data_ptr());
   p.b = static_cast<const uint16_t*>(b.data_ptr());
@@ -179,7 +180,7 @@ std::tuple<Tensor, Tensor> contrastive_grad_cuda(const Tensor& a_in, const Tenso
   p.diag_coef = static_cast<float>(diag_coef);
   p.uniform_coef = static_cast<float>(uniform_coef);
   p.grad_a = grad.data_ptr<float>();
-  p.ds_dot = ds_dot.data_ptr<float>();
+  p.ds_dot = with_ds_dot ? ds_dot.data_ptr<float>() : nullptr;
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(a.scalar_type() == at::kHalf ? contrastive_bwd_fp16(p, stream) : contrastive_bwd_bf16(p, stream), op);
   return {grad, ds_dot};
@@ -327,7 +328,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout_in, co
 TORCH_LIBRARY(fastclip, m) {
   m.def("contrastive_stats_cuda(Tensor image, Tensor text, Tensor scale, Tensor diag) -> (Tensor, Tensor)");
   m.def("contrastive_grad_cuda(Tensor a, Tensor b, Tensor scale, Tensor diag, Tensor a_stats, Tensor b_stats, "
-        "float diag_coef, float uniform_coef) -> (Tensor, Tensor)");
+        "float diag_coef, float uniform_coef, bool with_ds_dot=True) -> (Tensor, Tensor)");
   m.def("flash_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
         "float softmax_scale) -> (Tensor, Tensor)");
   m.def("flash_attn_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

@@ -20,7 +20,7 @@ import importlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -168,13 +168,16 @@ def ops() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def select(op: str, backend: str = "auto", *, device, dtype, dim: int,
-           sizes: Optional[Mapping[str, int]] = None) -> Support:
+def select(op: str, backend: str = "auto", *, device, dtype, dim: int, sizes: Optional[Mapping[str, int]] = None,
+           among: Optional[Tuple[str, ...]] = None, caller: str = "") -> Support:
     """The backend that runs ``op`` on these inputs.
 
     ``sizes``: the op's other sizes that some rows limit (``Support.max_sizes``), e.g. ``{"k": k}`` for top-k.
-    ``backend="auto"`` honours ``FASTCLIP_BACKEND`` and otherwise takes the first backend in ``AUTO_ORDER`` that
-    supports the inputs. An explicit backend that cannot run raises :class:`BackendError` with its reasons.
+    ``among``: the backends a caller can run (default: all), ``caller`` its name for the errors; e.g. the
+    distributed ring, which merges block statistics only in the log bases it knows.
+    ``backend="auto"`` honours ``FASTCLIP_BACKEND`` and otherwise takes the first backend in ``AUTO_ORDER`` (and in
+    ``among``) that supports the inputs. An explicit backend, or ``FASTCLIP_BACKEND``'s, that cannot run or is not
+    in ``among`` raises :class:`BackendError` with its reasons.
     """
     table = supports(op)
     if backend is None:
@@ -191,6 +194,9 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int,
             why = _BACKEND_UNAVAILABLE.get(backend, lambda: None)()
             raise BackendError(f"{op}: backend {backend!r}{via} has no implementation of this op in this version "
                                f"(implemented by: {', '.join(table)})" + (f"; besides, {why}" if why else ""))
+        if among is not None and backend not in among:
+            raise BackendError(f"{op}: backend {backend!r}{via} is not run by {caller or 'this caller'} (it runs "
+                               f"{', '.join(among)})")
         row = table[backend]
         reasons = row.not_supported_reasons(device, dtype, dim, sizes)
         if reasons:
@@ -201,6 +207,9 @@ def select(op: str, backend: str = "auto", *, device, dtype, dim: int,
     for name in AUTO_ORDER:
         row = table.get(name)
         if row is None:
+            continue
+        if among is not None and name not in among:
+            refusals.append(f"  {name}: not run by {caller or 'this caller'}")
             continue
         if name == "cuda" and not row.unavailable():
             if preferred(op, device, dtype, dim) != "cuda":

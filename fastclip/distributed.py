@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastclip._checks import as_scalar, check_feature_pair
-from fastclip.dispatch import AUTO_ORDER, BackendError, select, supports
+from fastclip.dispatch import select, supports
 from fastclip.ops.contrastive.pytorch import _logits, _rowdot, acc_dtype
 from fastclip.ops.siglip import _needs_grad
 
@@ -351,23 +351,34 @@ def _lse_from_stats(stats: Tensor, unit: float) -> Tensor:
     return stats.sum(0) * unit  # (n,) natural-log lse
 
 
-def _stats_from_lse(lse: Tensor, unit: float) -> Tensor:
-    # a merged lse has no single block's max to keep apart: (lse, 0) is exact, with the precision of one fp32 lse
-    return torch.stack([lse / unit, torch.zeros_like(lse)])
+def _others_term(stats: Tensor, others: Optional[Tensor], unit: float) -> Tensor:
+    """log(1 + sum_others / sum_0) = softplus(others - lse_0), (n,) natural log: what the other blocks, of
+    natural-log lse ``others`` (None: there are none), add to the diagonal block's lse (its statistics (2, n) =
+    (max m, log-sum l) in ``unit``). Extending (m, l) by it keeps the diagonal block's max, so a confident row keeps
+    S_ii - m = 0 and its small log-sum exact, where a merged (lse, 0) would carry the rounding of an lse of ~50
+    (4e-6 in fp32) into P_ii - 1 ~ 1e-7."""
+    if others is None:
+        return torch.zeros_like(stats[1])
+    x = others - _lse_from_stats(stats, unit)
+    return torch.logaddexp(torch.zeros_like(x), x)  # softplus without F.softplus's cut to x above x = 20
 
 
 class _ContrastiveRing(torch.autograd.Function):
     """Global CLIP loss with text blocks (and their statistics) travelling around the ring, twice.
 
-    Forward, step k: rank r holds T_(r-k) and the partial column log-sum-exp of T_(r-k) over the image blocks it
-    has visited. The square block S = s I_r T_(r-k)^T + b gives (contrastive fwd of one block, any backend) a row
-    lse over its columns, merged into I_r's row lse, and a column lse over I_r's rows, merged into the travelling
-    one, which then goes right one hop behind the block: after W hops it is home, complete.
-        local_r = sum_{i in r} (row_lse_i + col_lse_i - 2 S_ii);   L = sum_r local_r / (2 N_global)  (all_reduce).
-    Backward: the text blocks travel again with their global column lse; each block's gradients are the
-    contrastive backward of one block (P + Q - 2 delta, with the global lse; the one-hot terms are removed again
-    for the off-diagonal blocks, an O(N D) correction), dI accumulates locally, dT rides along as in the SigLIP ring.
-    d(logit_scale) is all-reduced.
+    Forward, step k: rank r holds T_(r-k) and the partial column log-sum-exp of T_(r-k) over the off-diagonal image
+    blocks it has visited. The square block S = s I_r T_(r-k)^T + b gives (contrastive fwd of one block, any
+    backend) a row lse over its columns and a column lse over I_r's rows. The diagonal block (k = 0) keeps its own
+    loss L_0 and statistics; the others' row lses are merged locally, their column lses into the travelling one,
+    which goes right one hop behind the block: after W hops it is home, holding every other block's column lse.
+    Each row's -log P_ii is then the diagonal block's plus log(1 + sum_others / sum_0) = softplus(lse_others -
+    lse_0), so no lse of ~50 is ever subtracted from S_ii (which cancels to nothing in a confident fp32 row):
+        local_r = 2 n L_0 + sum_i softplus(row_others_i - row_0_i) + sum_j softplus(col_others_j - col_0_j);
+        L = sum_r local_r / (2 N_global)  (all_reduce).
+    Backward: the text blocks travel again with their global column statistics, (the diagonal block's max, log-sum
+    extended by the others); each block's gradients are the contrastive backward of one block (P + Q - 2 delta,
+    with the global statistics; the one-hot terms are removed again for the off-diagonal blocks, an O(N D)
+    correction), dI accumulates locally, dT rides along as in the SigLIP ring. d(logit_scale) is all-reduced.
     """
 
     @staticmethod
@@ -379,14 +390,18 @@ class _ContrastiveRing(torch.autograd.Function):
         a = image.detach().to(block_dtype).contiguous()
         t = text.detach().to(block_dtype).contiguous()
         t_own = t
-        row_lse, col_reqs, col_in = None, None, None
+        row_others, col_reqs, col_in = None, None, None
         for k in range(world):
             if k < world - 1:
                 t_next = torch.empty_like(t)
                 t_reqs = _p2p([(t, right)], [(t_next, left)], group)
-            _, r_k, c_k = fwd(a, t, scale, bias, 0.0, chunk_size)
-            row_lse = _lse_merge(row_lse, _lse_from_stats(r_k.to(dt), unit))
-            c_k = _lse_from_stats(c_k.to(dt), unit)
+            loss_k, r_k, c_k = fwd(a, t, scale, bias, 0.0, chunk_size)
+            if k == 0:  # the diagonal block: its loss and statistics stay here
+                loss_0, row_0, col_0 = loss_k.to(dt), r_k.to(dt), c_k.to(dt)
+                c_k = torch.full((n,), float("-inf"), dtype=dt, device=a.device)  # no other block's columns yet
+            else:
+                row_others = _lse_merge(row_others, _lse_from_stats(r_k.to(dt), unit))
+                c_k = _lse_from_stats(c_k.to(dt), unit)
             if col_reqs is not None:
                 _wait(col_reqs)
                 c_k = torch.logaddexp(c_k, col_in)
@@ -396,48 +411,37 @@ class _ContrastiveRing(torch.autograd.Function):
                 _wait(t_reqs)
                 t = t_next
         _wait(col_reqs)
-        col_lse = col_in
-        s_val = scale.detach().to(dt).reshape(())
-        diag = s_val * _rowdot(image.detach().to(dt), text.detach().to(dt), max(1, (1 << 22) // max(n, 1)))
-        if bias is not None:
-            diag = diag + bias.detach().to(dt).reshape(())
-        total = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()).reshape(1)
+        col_others = col_in if world > 1 else None  # every other image block's column lse of T_r
+        row_more, col_more = _others_term(row_0, row_others, unit), _others_term(col_0, col_others, unit)
+        total = (2 * n * loss_0 + row_more.sum() + col_more.sum()).reshape(1)
+        row_stats = torch.stack([row_0[0], row_0[1] + row_more / unit])  # the global statistics, (2, n)
+        col_stats = torch.stack([col_0[0], col_0[1] + col_more / unit])
         dist.all_reduce(total, group=group)
-        ctx.save_for_backward(a, t_own, scale, bias, row_lse, col_lse)
-        ctx.group, ctx.bwd, ctx.chunk_size, ctx.feature_factor, ctx.unit = group, bwd, chunk_size, feature_factor, unit
+        ctx.save_for_backward(a, t_own, scale, bias, row_stats, col_stats)
+        ctx.group, ctx.bwd, ctx.chunk_size, ctx.feature_factor = group, bwd, chunk_size, feature_factor
         ctx.dtypes = (image.dtype, text.dtype)
         return (total[0] / (2 * n * world)).to(image.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        a, t, scale, bias, row_lse, col_lse = ctx.saved_tensors
+        a, t, scale, bias, row_stats, tc = ctx.saved_tensors
         group, bwd = ctx.group, ctx.bwd
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         left, right = (rank - 1) % world, (rank + 1) % world
-        n = a.shape[0]
-        dt = row_lse.dtype
-        g = grad.detach().to(dt).reshape(())
+        dt = row_stats.dtype
         # the block backward's coefficient is g / (2 N_local) = W g / (2 N_global): W times dL/dS of the global
         # loss. Features keep feature_factor / W of that, logit_scale 1 / W (then summed over ranks).
-        coef = g / (2 * n)
-        s_val = scale.detach().to(dt).reshape(())
         d_image = torch.zeros(a.shape, dtype=dt, device=a.device)
         d_scale = torch.zeros((), dtype=dt, device=a.device)
-        tc = col_lse.to(row_lse.dtype)
         dt_reqs, dt_in = None, None
         for k in range(world):
             if k < world - 1:
                 t_next, tc_next = torch.empty_like(t), torch.empty_like(tc)
                 t_reqs = _p2p([(t, right), (tc, right)], [(t_next, left), (tc_next, left)], group)
-            da, db, ds = bwd(grad.reshape(()), a, t, scale, bias, _stats_from_lse(row_lse, ctx.unit),
-                             _stats_from_lse(tc, ctx.unit), 0.0, ctx.chunk_size)
+            # no positive pair in another rank's block: its backward runs without the targets (undoing them after
+            # would cancel a confident row's small gradient against the rounding of -2 s T_i)
+            da, db, ds = bwd(grad.reshape(()), a, t, scale, bias, row_stats, tc, 0.0, ctx.chunk_size, targets=k == 0)
             da, db, ds = da.to(dt), db.to(dt), ds.to(dt).reshape(())
-            if k > 0:
-                # no positive pairs in another rank's block: undo the backward's -2 delta_ij terms
-                a_dt, t_dt = a.to(dt), t.to(dt)
-                da += (2 * coef * s_val) * t_dt
-                db += (2 * coef * s_val) * a_dt
-                ds = ds + 2 * coef * (a_dt * t_dt).sum()
             d_image += da
             d_scale += ds
             if dt_reqs is not None:
@@ -464,23 +468,10 @@ class _ContrastiveRing(torch.autograd.Function):
 def _ring_backend(backend: str, image: Tensor):
     """The Support row the ring runs. The ring merges its blocks' (max, log-sum) statistics, so it takes only the
     backends whose statistics' log base it knows (``_STATS_UNIT``, and "reference", run as "torch"). The ``cuda``
-    backend is not one of them yet (nothing has run it inside the ring): asked for by name it is refused; where
-    "auto" would pick it, the ring takes the next backend of the auto order that runs these inputs."""
-    kw = dict(device=image.device, dtype=image.dtype, dim=image.shape[1])
-    row = select("contrastive_loss", backend, **kw)
-    if row.backend in _STATS_UNIT or row.backend == "reference":
-        return row
-    if backend != "auto":
-        raise BackendError(f"contrastive_loss with dist_impl='ring': backend {backend!r} is not supported by the "
-                           f"ring (it runs {sorted(_STATS_UNIT) + ['reference']}); use one of those or 'auto'")
-    for name in AUTO_ORDER:
-        if name in _STATS_UNIT or name == "reference":
-            try:
-                return select("contrastive_loss", name, **kw)
-            except BackendError:
-                continue
-    raise BackendError(f"contrastive_loss with dist_impl='ring': no backend the ring runs takes these inputs "
-                       f"({image.dtype}, {image.device}, D = {image.shape[1]})")
+    backend is not one of them yet (nothing has run it inside the ring): asked for by name or by
+    ``FASTCLIP_BACKEND`` it is refused; "auto" skips it."""
+    return select("contrastive_loss", backend, device=image.device, dtype=image.dtype, dim=image.shape[1],
+                  among=(*_STATS_UNIT, "reference"), caller="contrastive_loss with dist_impl='ring'")
 
 
 def contrastive_ring(image: Tensor, text: Tensor, scale: Tensor, bias: Optional[Tensor], *, backend: str = "auto",

@@ -21,7 +21,7 @@ OPS = {
     "contrastive_stats_cuda": "contrastive_stats_cuda(Tensor image, Tensor text, Tensor scale, Tensor diag) "
                               "-> (Tensor, Tensor)",
     "contrastive_grad_cuda": "contrastive_grad_cuda(Tensor a, Tensor b, Tensor scale, Tensor diag, Tensor a_stats, "
-                             "Tensor b_stats, float diag_coef, float uniform_coef) -> (Tensor, Tensor)",
+                             "Tensor b_stats, float diag_coef, float uniform_coef, bool with_ds_dot=True) -> (Tensor, Tensor)",
     "flash_attn_fwd_cuda": "flash_attn_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
                            "float softmax_scale) -> (Tensor, Tensor)",
     "flash_attn_bwd_cuda": "flash_attn_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
@@ -109,6 +109,8 @@ def test_fake_implementations_give_shapes():
         g, ds_dot = torch.ops.fastclip.contrastive_grad_cuda(img, txt, torch.ones(1), diag, row, col, 2.0, 0.0)
         assert g.shape == (100, 512) and g.dtype == torch.float32
         assert ds_dot.shape == (100,) and ds_dot.dtype == torch.float32
+        _, none = torch.ops.fastclip.contrastive_grad_cuda(img, txt, torch.ones(1), diag, row, col, 2.0, 0.0, False)
+        assert none.shape == (0,) and none.dtype == torch.float32
         q = torch.empty(2, 77, 8, 64, dtype=torch.float16)
         out, lse = torch.ops.fastclip.flash_attn_fwd_cuda(q, q, q, None, True, 0.125)
         assert out.shape == q.shape and lse.shape == (2, 8, 77) and lse.dtype == torch.float32

@@ -394,12 +394,12 @@ def emulated_ops(lib, monkeypatch):
         rm, rr, cm, cr = fwd(lib, kind, ib, tb, n, d, float(scale), aligned(diag))
         return torch.from_numpy(stats_of(rm, rr)), torch.from_numpy(stats_of(cm, cr))
 
-    def grad(a, b, scale, diag, a_stats, b_stats, diag_coef, uniform_coef):
+    def grad(a, b, scale, diag, a_stats, b_stats, diag_coef, uniform_coef, with_ds_dot=True):
         (kind, ab), (_, bb) = bits(a), bits(b)
         n, d = a.shape
         g, dot = bwd(lib, kind, ab, bb, n, d, float(scale), a_stats.numpy(), b_stats.numpy(), diag_coef,
-                     uniform_coef, aligned(diag))
-        return torch.from_numpy(g).float(), torch.from_numpy(dot).float()
+                     uniform_coef, aligned(diag), ds_dot=with_ds_dot)
+        return torch.from_numpy(g).float(), torch.from_numpy(dot).float() if with_ds_dot else torch.empty(0)
 
     monkeypatch.setattr(torch.ops.fastclip, "contrastive_stats_cuda", stats, raising=False)
     monkeypatch.setattr(torch.ops.fastclip, "contrastive_grad_cuda", grad, raising=False)

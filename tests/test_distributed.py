@@ -500,7 +500,7 @@ def test_all_gather_with_grad(world, members, backend, monkeypatch):
 def _ring_traffic(rank, world, sends):
     """What each ring sends, as its docstring says: SigLIP, W - 1 hops of the text block (input dtype) and, with a
     gradient, W hops of its fp32 gradient; CLIP, the same for the block and its column lse (n,) forward, and again
-    for both with the gradient's W hops backward. Nothing else travels."""
+    for the block with its column statistics (2, n) and the gradient's W hops backward. Nothing else travels."""
     import threading
 
     import fastclip
@@ -509,14 +509,14 @@ def _ring_traffic(rank, world, sends):
     me = threading.get_ident()
     n, d, f32 = N_LOCAL, DIM, torch.float32
     # bf16 features; the CLIP ring's torch blocks compute in fp32, so its text blocks travel in fp32
-    text, block, lse = ((n, d), torch.bfloat16), ((n, d), f32), ((n,), f32)
+    text, block, lse, stats = ((n, d), torch.bfloat16), ((n, d), f32), ((n,), f32), ((2, n), f32)
     for loss_fn, grad, want in [
         (fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"), False,
          [[text]] * (world - 1)),
         (fastclip.SigLIPLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"), True,
          [[text]] * (world - 1) + [[block]] * world),
         (fastclip.ContrastiveLoss(rank=rank, world_size=world, dist_impl="ring", backend="torch"), True,
-         [[block]] * (world - 1) + [[lse]] * world + [[block, lse]] * (world - 1) + [[block]] * world),
+         [[block]] * (world - 1) + [[lse]] * world + [[block, stats]] * (world - 1) + [[block]] * world),
     ]:
         sends[me] = []
         leaves = _local_leaves(glob, rank)
@@ -699,24 +699,32 @@ def test_distributed_in_processes():
 
 def test_ring_backend_never_runs_cuda(monkeypatch):
     """The ring merges its blocks' statistics in a log base it must know: backend="cuda" (not wired into the ring)
-    is refused by name, and where "auto" would pick it (a GPU with the extension built: cuda leads the auto
-    order) the ring takes the next backend that runs the inputs, instead of failing with a KeyError."""
+    is refused by name and by FASTCLIP_BACKEND, and where "auto" would pick it (a GPU with the extension built and
+    a benchmark that measured it faster: cuda leads the auto order) the ring takes the next backend that runs the
+    inputs, instead of failing with a KeyError. Here the cuda row is made to run the CPU inputs, as on a GPU."""
+    import dataclasses
+
+    import fastclip.dispatch as dispatch
     import fastclip.distributed as D
     from fastclip.dispatch import BackendError, supports
 
-    real_select = D.select
-    cuda_row = supports("contrastive_loss")["cuda"]
-
-    def select_as_on_a_gpu(op, backend="auto", **kw):
-        return cuda_row if backend in ("auto", "cuda") else real_select(op, backend, **kw)
-
     image = torch.randn(6, 16)
-    assert D._ring_backend("auto", image).backend == real_select("contrastive_loss", "auto", device=image.device,
-                                                                 dtype=image.dtype, dim=16).backend
-    monkeypatch.setattr(D, "select", select_as_on_a_gpu)
-    with pytest.raises(BackendError, match=r"dist_impl='ring': backend 'cuda' is not supported by the ring"):
+    kw = dict(device=image.device, dtype=image.dtype, dim=16)
+    before = dispatch.select("contrastive_loss", "auto", **kw).backend
+    assert D._ring_backend("auto", image).backend == before
+    table = supports("contrastive_loss")
+    as_on_a_gpu = dataclasses.replace(table["cuda"], devices=frozenset({"cpu", "cuda"}), unavailable=lambda: None,
+                                      dtypes=frozenset({image.dtype}), extra_checks=())
+    monkeypatch.setitem(table, "cuda", as_on_a_gpu)
+    monkeypatch.setattr(dispatch, "preferred", lambda *a: "cuda")
+    assert dispatch.select("contrastive_loss", "auto", **kw) is as_on_a_gpu  # auto would take cuda here
+    assert D._ring_backend("auto", image).backend == before  # the ring takes the next one
+    with pytest.raises(BackendError, match=r"backend 'cuda' is not run by contrastive_loss with dist_impl='ring' "
+                                           r"\(it runs torch, triton, reference\)"):
         D._ring_backend("cuda", image)
-    row = D._ring_backend("auto", image)
-    assert row.backend in ("triton", "torch")
-    assert row.backend == real_select("contrastive_loss", "triton" if row.backend == "triton" else "torch",
-                                      device=image.device, dtype=image.dtype, dim=16).backend
+    monkeypatch.setenv("FASTCLIP_BACKEND", "cuda")
+    with pytest.raises(BackendError, match=r"'cuda' \(FASTCLIP_BACKEND\) is not run by contrastive_loss with "
+                                           r"dist_impl='ring'"):
+        D._ring_backend("auto", image)
+    monkeypatch.setenv("FASTCLIP_BACKEND", "torch")
+    assert D._ring_backend("auto", image).backend == "torch"

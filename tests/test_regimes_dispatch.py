@@ -348,3 +348,49 @@ def test_preferred_reads_the_device_and_the_smallest_bucket(monkeypatch):
     assert dispatch.preferred("toy", "cuda", torch.float16, 65) == "triton"
     assert dispatch.preferred("toy", "cuda", torch.float16, 257) is None
     assert dispatch.preferred("toy", "cpu", torch.float16, 64) is None  # measured on sm_90, not on the CPU
+
+
+def test_among_limits_the_backends_a_caller_runs(monkeypatch):
+    """select(among=..., caller=...): auto takes the first backend of the auto order that is in ``among`` and runs
+    the inputs, and says why it skipped the others; an explicit backend, or FASTCLIP_BACKEND's, outside ``among``
+    is refused with the caller's name and the backends it runs."""
+    monkeypatch.delenv("FASTCLIP_BACKEND", raising=False)
+    kw = dict(device=torch.device("cpu"), dtype=torch.float32, dim=16)
+    table = supports("contrastive_loss")
+    assert select("contrastive_loss", **kw) is table["torch"]
+    assert select("contrastive_loss", among=("reference",), caller="X", **kw) is table["reference"]
+    assert select("contrastive_loss", among=("reference", "torch"), **kw) is table["torch"]
+    assert select("contrastive_loss", "reference", among=("reference",), **kw) is table["reference"]
+    with pytest.raises(BackendError, match=r"^contrastive_loss: backend 'torch' is not run by X \(it runs "
+                                           r"reference, triton\)$"):
+        select("contrastive_loss", "torch", among=("reference", "triton"), caller="X", **kw)
+    with pytest.raises(BackendError, match=r"backend 'torch' is not run by this caller \(it runs reference\)"):
+        select("contrastive_loss", "torch", among=("reference",), **kw)
+    with pytest.raises(BackendError, match=r"no backend can run these inputs(.|\n)*\n  torch: not run by X\n"
+                                           r"  reference: not run by X$"):
+        select("contrastive_loss", among=("cuda",), caller="X", **kw)
+    with pytest.raises(BackendError, match=r"(?m)^  torch: not run by this caller$") as err:
+        select("contrastive_loss", among=(), **kw)
+    assert "  triton: " in str(err.value)
+    monkeypatch.setenv("FASTCLIP_BACKEND", "torch")
+    with pytest.raises(BackendError, match=r"backend 'torch' \(FASTCLIP_BACKEND\) is not run by X"):
+        select("contrastive_loss", among=("reference",), caller="X", **kw)
+    assert select("contrastive_loss", among=("torch",), caller="X", **kw) is table["torch"]
+
+
+def test_max_sizes_bounds_through_select(monkeypatch):
+    """A row's other size limits (``Support.max_sizes``: top-k's Triton k <= 128) exactly at the bound: the limit is
+    taken, one past it an explicit backend raises naming the size, and auto gives it as its reason."""
+    monkeypatch.delenv("FASTCLIP_BACKEND", raising=False)
+    kw = dict(device=torch.device("cpu"), dtype=torch.float32, dim=16)
+    row = supports("topk_similarity")["triton"]
+    limit = row.max_sizes["k"]
+    assert select("topk_similarity", "triton", sizes={"k": limit}, **kw) is row
+    with pytest.raises(BackendError, match=rf"backend 'triton' cannot run these inputs .*: k {limit + 1} > {limit} "
+                                           rf"\(the largest k this backend takes\)"):
+        select("topk_similarity", "triton", sizes={"k": limit + 1}, **kw)
+    assert select("topk_similarity", "triton", **kw) is row  # no sizes given: nothing to refuse
+    with pytest.raises(BackendError, match=rf"\n  triton: k {limit + 1} > {limit} \(the largest k"):  # auto's reason
+        select("topk_similarity", among=("triton",), sizes={"k": limit + 1}, **kw)
+    with pytest.raises(BackendError, match=r"\n  triton: skipped by auto on the CPU"):  # within the bound
+        select("topk_similarity", among=("triton",), sizes={"k": limit}, **kw)

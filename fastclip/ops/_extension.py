@@ -76,8 +76,9 @@ def _register_fakes() -> None:  # once: _load() caches its outcome
         return image.new_empty((2, n), dtype=torch.float32), image.new_empty((2, n), dtype=torch.float32)
 
     @torch.library.register_fake("fastclip::contrastive_grad_cuda")
-    def _(a, b, scale, diag, a_stats, b_stats, diag_coef, uniform_coef):
-        return a.new_empty(a.shape, dtype=torch.float32), a.new_empty((a.shape[0],), dtype=torch.float32)
+    def _(a, b, scale, diag, a_stats, b_stats, diag_coef, uniform_coef, with_ds_dot=True):
+        return a.new_empty(a.shape, dtype=torch.float32), \
+            a.new_empty((a.shape[0] if with_ds_dot else 0,), dtype=torch.float32)
 
     @torch.library.register_fake("fastclip::flash_attn_fwd_cuda")
     def _(q, k, v, key_padding_mask, causal, softmax_scale):

@@ -45,7 +45,7 @@ def contrastive_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, bi
     g_image, ds_dot = torch.ops.fastclip.contrastive_grad_cuda(image, text, scale32, diag, row_stats, col_stats,
                                                                diag_coef, uniform_coef)
     g_text, _ = torch.ops.fastclip.contrastive_grad_cuda(text, image, scale32, diag, col_stats, row_stats, diag_coef,
-                                                         uniform_coef)
+                                                         uniform_coef, False)  # one ds_dot gives d(scale)
     # dL/ds_ij = ds_ij / 2n, s = scale * I T^T: dI = scale/2n * g_image, dT = scale/2n * g_text and
     # d(scale) = 1/2n * sum_ij ds_ij <I_i, T_j> = 1/2n * sum_i ds_dot_i. Not 1/2n * sum_i <I_i, g_image_i>: the
     # kernel rounds ds to the input dtype before g_image's GEMM, and in a confident row ds = P + Q - 2 nearly

@@ -149,13 +149,14 @@ def _rowdot(a, b, chunk):
 
 def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
                     bias: Optional[torch.Tensor], row_stats: torch.Tensor, col_stats: torch.Tensor,
-                    label_smoothing: float, chunk_size: Optional[int] = None
+                    label_smoothing: float, chunk_size: Optional[int] = None, *, targets: bool = True
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d_image, d_text, d_scale) for the upstream gradient ``grad`` of the 0-d loss.
 
     Each chunk's G = 2N dL/dS / g is formed whole, targets included, before its GEMMs: on the diagonal
     P_ii - 1 = expm1(S_ii - lse_i), so a confident row's small gradient is never the difference of two large
-    accumulated terms.
+    accumulated terms. ``targets=False`` leaves the targets out, G = P + Q: a block of the distributed ring whose
+    pairs are all negatives (the statistics then come from the whole row and column).
     """
     n, dt, a, b, s_val, b_val, chunk = _prepare(image, text, scale, bias, chunk_size)
     m_r, ls_r = row_stats.to(dt)
@@ -170,8 +171,9 @@ def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
         g = (s - m_r[rows, None]).sub_(ls_r[rows, None]).exp_()
         g += s.sub_(m_c[None, :]).sub_(ls_c[None, :]).exp_()
         # the targets: -2 (1 - eps) on the diagonal, -2 eps / N everywhere
-        g.diagonal(i0).copy_(torch.expm1((s_ii - m_r[rows]) - ls_r[rows])
-                             + torch.expm1((s_ii - m_c[rows]) - ls_c[rows]) + 2 * eps)
+        if targets:
+            g.diagonal(i0).copy_(torch.expm1((s_ii - m_r[rows]) - ls_r[rows])
+                                 + torch.expm1((s_ii - m_c[rows]) - ls_c[rows]) + 2 * eps)
         if eps:
             g -= 2 * eps / n
         acc_a[rows] = g @ b

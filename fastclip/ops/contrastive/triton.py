@@ -191,9 +191,10 @@ def _contrastive_bwd_kernel(
     stride_am, stride_ak, stride_bn, stride_bk, stride_dam, stride_dak,
     HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_DSCALE: tl.constexpr, ONE_SLICE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_STAGES: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr, INPUT_PRECISION: tl.constexpr, TARGETS: tl.constexpr = True,
 ):
-    """dA_i[slice] = g s / (2N) sum_j G_ij B_j[slice], G = P + Q - 2 (1 - eps) I - 2 eps / N, for BLOCK_M rows."""
+    """dA_i[slice] = g s / (2N) sum_j G_ij B_j[slice], G = P + Q - 2 (1 - eps) I - 2 eps / N, for BLOCK_M rows
+    (TARGETS=False: G = P + Q - 2 eps / N, a block of the distributed ring with no positive pair)."""
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     row0 = pid * BLOCK_M
@@ -250,14 +251,15 @@ def _contrastive_bwd_kernel(
             if HAS_BIAS:
                 g_off += tl.sum(tl.where(off, g, 0.0), axis=1)
         if on_diagonal:
-            # the targets: (P_ii - 1) + (Q_ii - 1) + 2 eps, in fp32 before any rounding
             on_ii = (offs_m[:, None] == offs_n[None, :]) & mask_m[:, None]
-            g_ii = _expm1_2(t_a) + _expm1_2(t_b) + 2.0 * label_smoothing
-            if HAS_SMOOTHING:
-                g_ii = g_ii - 2.0 * label_smoothing / N
-            g = tl.where(on_ii, g_ii, g)
+            if TARGETS:
+                # the targets: (P_ii - 1) + (Q_ii - 1) + 2 eps, in fp32 before any rounding
+                g_ii = _expm1_2(t_a) + _expm1_2(t_b) + 2.0 * label_smoothing
+                if HAS_SMOOTHING:
+                    g_ii = g_ii - 2.0 * label_smoothing / N
+                g = tl.where(on_ii, g_ii, g)
             if COMPUTE_DSCALE:
-                g_dot_ii += tl.sum(tl.where(on_ii, g_ii, 0.0), axis=1) * tl.load(DIAG + offs_m, mask=mask_m, other=0.0)
+                g_dot_ii += tl.sum(tl.where(on_ii, g, 0.0), axis=1) * tl.load(DIAG + offs_m, mask=mask_m, other=0.0)
         acc = tl.dot((g * DS_UP).to(b.dtype), b, acc, input_precision=INPUT_PRECISION)  # 2^14 G: see DS_UP
 
     coef = tl.load(GRAD).to(tl.float32) / (2.0 * N)
@@ -417,7 +419,8 @@ def _stats(m: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     return torch.stack([m, torch.log1p(rest) * LOG2E.value])
 
 
-def _bwd_one_side(grad, a, b, dots, scale_t, bias_t, has_bias, stats_a, stats_b, label_smoothing, compute_dscale):
+def _bwd_one_side(grad, a, b, dots, scale_t, bias_t, has_bias, stats_a, stats_b, label_smoothing, compute_dscale,
+                  targets=True):
     n, d = a.shape
     cfg = bwd_config(n, d, a.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
@@ -428,26 +431,29 @@ def _bwd_one_side(grad, a, b, dots, scale_t, bias_t, has_bias, stats_a, stats_b,
         n, d, float(label_smoothing),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), da.stride(0), da.stride(1),
         HAS_BIAS=has_bias, HAS_SMOOTHING=bool(label_smoothing), COMPUTE_DSCALE=compute_dscale,
-        ONE_SLICE=one_slice(cfg, d), INPUT_PRECISION=_input_precision(a.dtype), **cfg)
+        ONE_SLICE=one_slice(cfg, d), INPUT_PRECISION=_input_precision(a.dtype), TARGETS=targets, **cfg)
     return da, (part.sum() if compute_dscale else None)
 
 
 def contrastive_bwd(grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
                     bias: Optional[torch.Tensor], row_stats: torch.Tensor, col_stats: torch.Tensor,
-                    label_smoothing: float, chunk_size: Optional[int] = None
+                    label_smoothing: float, chunk_size: Optional[int] = None, *, targets: bool = True
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (d_image, d_text, d_scale) in the dtypes and shapes of the inputs."""
+    """Returns (d_image, d_text, d_scale) in the dtypes and shapes of the inputs (``targets=False``: without the
+    targets, a block of the distributed ring with no positive pair)."""
     scale_t = _scalar(scale, image)
     bias_t = _scalar(bias, image)
     grad_t = grad.reshape(()).to(torch.float32)
     dots = diag_dots(image, text)
     d_image, d_scale = _bwd_one_side(grad_t, image, text, dots, scale_t, bias_t, bias is not None, row_stats, col_stats,
-                                     label_smoothing, compute_dscale=True)
+                                     label_smoothing, compute_dscale=True, targets=targets)
     d_text, _ = _bwd_one_side(grad_t, text, image, dots, scale_t, bias_t, bias is not None, col_stats, row_stats,
-                              label_smoothing, compute_dscale=False)
+                              label_smoothing, compute_dscale=False, targets=targets)
     # The kernel recovers <A_i, B_j> as (S_ij - b) / s, which scale 0 cannot: there P = Q = 1/N, G = 2 (1 - eps)
-    # (1/N - I) and sum_ij G_ij <A_i, B_j> = 2 (1 - eps) (<sum_i A_i, sum_j B_j> / N - sum_i <A_i, B_i>).
+    # (1/N - I) and sum_ij G_ij <A_i, B_j> = 2 (1 - eps) (<sum_i A_i, sum_j B_j> / N - sum_i <A_i, B_i>); without
+    # the targets G = 2 (1 - eps) / N and the sum is 2 (1 - eps) <sum_i A_i, sum_j B_j> / N.
     n = image.shape[0]
-    at_zero = (grad_t / n) * (1.0 - label_smoothing) * (image.float().sum(0) @ text.float().sum(0) / n - dots.sum())
+    all_pairs = image.float().sum(0) @ text.float().sum(0) / n
+    at_zero = (grad_t / n) * (1.0 - label_smoothing) * (all_pairs - dots.sum() if targets else all_pairs)
     d_scale = torch.where(scale_t.float() == 0, at_zero, d_scale)
     return d_image, d_text, d_scale.reshape(scale.shape).to(scale.dtype)
