@@ -120,3 +120,17 @@ def amp_cast(t: Optional[Tensor], amp: Optional[torch.dtype]) -> Optional[Tensor
     if t is None or amp is None or t.dtype not in _AMP_ELIGIBLE or t.dtype == amp:
         return t
     return t.to(amp)
+
+
+def refuse_forward_ad(op: str, backend: str, **tensors: Optional[Tensor]) -> None:
+    """Refuse forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) on a fused backend: PyTorch's
+    custom ops have no forward-mode rule, so the tangent would be dropped without an error (a zero or missing
+    derivative). ``tensors``: the op's inputs by argument name; the one carrying a tangent is named."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) does not run through backend "
+                f"{backend!r}, which would drop the tangent that {name} carries; use backend='reference' (plain "
+                f"PyTorch, O(N^2) memory) for it")

@@ -389,3 +389,49 @@ def test_triton_expanded_grad_output():
     ref = torch.autograd.grad(attention_ref(*hi, causal=True).sum(), hi)
     for name, gr, r in zip(GRAD_NAMES, grads, ref):
         assert_close(name, gr, r, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_messages_in_full():
+    """Each refusal's whole message: the argument, what it must be, and every input's shape, dtype and device."""
+    q, k, v = [t.detach() for t in make_qkv(2, 5, 3, 8)]
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+
+    def fmt(t):
+        return f"shape {tuple(t.shape)}, dtype {str(t.dtype).replace('torch.', '')}, device {t.device}"
+
+    def shapes(a, b, c):
+        return f"q {fmt(a)}; k {fmt(b)}; v {fmt(c)}"
+
+    cases = [
+        ((q, k.double(), v), {}, TypeError, "q, k and v must have one dtype: " + shapes(q, k.double(), v)),
+        ((q, k, v.half()), {}, TypeError, "q, k and v must have one dtype: " + shapes(q, k, v.half())),
+        ((q, k.to("meta"), v), {}, ValueError, "q, k and v must be on one device: " + shapes(q, k.to("meta"), v)),
+        ((q, k, v.to("meta")), {}, ValueError, "q, k and v must be on one device: " + shapes(q, k, v.to("meta"))),
+        ((q, k, v[:, :4]), {}, ValueError,
+         "k and v must have the same shape (batch, seq_k, heads, head_dim): " + shapes(q, k, v[:, :4])),
+        ((q[:1], k, v), {}, ValueError,
+         "q must match k and v in batch, heads and head_dim (dims 0, 2, 3): " + shapes(q[:1], k, v)),
+        ((q[:, :, :2], k, v), {}, ValueError,
+         "q must match k and v in batch, heads and head_dim (dims 0, 2, 3): " + shapes(q[:, :, :2], k, v)),
+        ((q[..., :4], k, v), {}, ValueError,
+         "q must match k and v in batch, heads and head_dim (dims 0, 2, 3): " + shapes(q[..., :4], k, v)),
+        ((q, k, v), dict(key_padding_mask=[[True]]), TypeError,
+         "key_padding_mask must be a torch.Tensor or None, got list"),
+        ((q, k, v), dict(key_padding_mask=mask.float()), TypeError,
+         "key_padding_mask must be a bool tensor (True = padding key to ignore), got " + fmt(mask.float())),
+        ((q, k, v), dict(key_padding_mask=mask[:, :4]), ValueError,
+         f"key_padding_mask must be (batch, seq_k) = (2, 5), got {fmt(mask[:, :4])}; k {fmt(k)}"),
+        ((q, k, v), dict(key_padding_mask=mask[:1]), ValueError,
+         f"key_padding_mask must be (batch, seq_k) = (2, 5), got {fmt(mask[:1])}; k {fmt(k)}"),
+        ((q, k, v), dict(key_padding_mask=mask.to("meta")), ValueError, "key_padding_mask is on meta but k is on cpu"),
+        ((q, k, v), dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a number or None, got str"),
+        ((q, k, v), dict(softmax_scale=True), TypeError, "softmax_scale must be a number or None, got bool"),
+        ((q, k, v), dict(softmax_scale=float("inf")), ValueError, "softmax_scale must be finite, got inf"),
+        ((q, k, v), dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite, got nan"),
+    ]
+    for args, kw, exc, message in cases:
+        with pytest.raises(exc, match=f"^{re.escape(message)}$"):
+            fastclip.flash_attention(*args, **kw)
+    # cross-attention (S_q != S_k) and an integer scale are accepted, by the default backend ("auto") too
+    out = fastclip.flash_attention(q[:, :2], k, v, softmax_scale=1)
+    assert_close("out", out, attention_ref(q[:, :2], k, v, False, None, 1.0), rtol=1e-5, atol=1e-6)

@@ -114,17 +114,22 @@ def test_siglip_module_under_cpu_autocast_does_not_crash():
 def test_attention_under_autocast(monkeypatch, amp, backend):
     seen = _record_impl(monkeypatch, attention_op, 3)
     q, k, v = (torch.randn(2, 13, 2, 16, requires_grad=True) for _ in range(3))
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     with torch.autocast("cpu", dtype=amp):
         out = fastclip.flash_attention(q, k, v, causal=True, backend=backend)
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
+            *(t.transpose(1, 2) for t in ref_leaves), is_causal=True).transpose(1, 2)
     assert out.dtype == ref.dtype == amp  # SDPA runs in the autocast dtype and returns it
-    out.float().sum().backward()
-    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    dout = torch.randn(out.shape)
+    out.float().backward(dout)
+    ref.float().backward(dout)
     if backend == "triton":
         assert seen and all(d == (amp, amp, amp) for d in seen), seen
     tol = 2e-2 if amp == torch.bfloat16 else 4e-3
     assert (out.float() - ref.float()).abs().max().item() < tol
+    for name, leaf, r in zip("qkv", (q, k, v), ref_leaves):  # the causal mask reaches the backward too
+        assert leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all(), name
+        assert (leaf.grad - r.grad).abs().max().item() < 4 * tol * (1 + r.grad.abs().max().item()), name
 
 
 def test_fp32_follows_float32_matmul_precision():

@@ -104,10 +104,11 @@ def test_module_passes_its_arguments(monkeypatch):
     leaves = make_inputs(23, 8, scale=20.0)
     ref_loss, ref_grads = loss_and_grads(lambda *x: reference.contrastive_loss_ref(*x, label_smoothing=0.1),
                                          upcast(leaves))
-    loss, grads = loss_and_grads(fastclip.ContrastiveLoss(label_smoothing=0.1), leaves)
-    assert_close("loss", loss, ref_loss, rtol=1e-12, atol=1e-12)
-    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
-        assert_close(name, g, r, rtol=1e-10, atol=1e-12)
+    for backend in ("auto", "reference"):
+        loss, grads = loss_and_grads(fastclip.ContrastiveLoss(label_smoothing=0.1, backend=backend), leaves)
+        assert_close("loss", loss, ref_loss, rtol=1e-12, atol=1e-12)
+        for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+            assert_close(name, g, r, rtol=1e-10, atol=1e-12)
     with pytest.raises(BackendError, match="triton.*dtype float64 is not supported"):
         fastclip.ContrastiveLoss(backend="triton")(*leaves)
     # chunk_size reaches the torch backend (it bounds memory, so the values cannot show it: count the chunks)
@@ -219,16 +220,19 @@ def test_rowdot_in_chunks():
 
 @pytest.mark.parametrize("backend,dtype,scalar_dtype", [("torch", torch.bfloat16, torch.float32),
                                                         ("torch", torch.float32, torch.float64),
-                                                        ("triton", torch.float16, torch.float32)])
+                                                        ("triton", torch.float16, torch.float32),
+                                                        ("torch", torch.float64, torch.float64)])
 def test_ops_outputs_have_their_fakes_dtypes(backend, dtype, scalar_dtype):
     # what torch.compile traces with (the fake implementations) is what runs: the accumulation dtype for the loss and
     # statistics, the features' and the scale's dtypes for the gradients, also with half features and fp32 scalars
-    # (autocast's inputs) and fp32 features with fp64 scalars, label smoothing on
+    # (autocast's inputs) and fp32 features with fp64 scalars, label smoothing on; the statistics the forward
+    # keeps for its backward are non-differentiable outputs (a backward through them would use the loss's formula)
     img, txt = [t.detach() for t in make_inputs(19, 16, dtype)[:2]]
     scale, bias = torch.tensor(5.0, dtype=scalar_dtype), torch.tensor(0.25, dtype=scalar_dtype)
     fwd = (img, txt, scale, bias, 0.1, backend, 0)
     torch.library.opcheck(torch.ops.fastclip.contrastive_loss_fwd.default, fwd, test_utils="test_faketensor")
-    loss, row, col = torch.ops.fastclip.contrastive_loss_fwd(*fwd)
+    loss, row, col = torch.ops.fastclip.contrastive_loss_fwd(img.clone().requires_grad_(), *fwd[1:])
+    assert loss.requires_grad and not row.requires_grad and not col.requires_grad
     torch.library.opcheck(torch.ops.fastclip.contrastive_loss_bwd.default,
                           (torch.ones_like(loss), img, txt, scale, bias, row, col, 0.1, backend, 0),
                           test_utils="test_faketensor")
@@ -348,6 +352,8 @@ def test_bad_inputs_raise_clear_errors():
         ((img, txt, torch.ones(1, dtype=torch.long)), TypeError, "logit_scale must be a floating"),
         ((img, txt, None), ValueError, "logit_scale is required"),
         ((img, txt, "7"), TypeError, "logit_scale must be a tensor or a number"),
+        ((img, txt, scale, torch.ones(3)), ValueError, r"^logit_bias must have exactly one element, got shape \(3,\)"),
+        ((img, txt, scale, "0.5"), TypeError, "^logit_bias must be a tensor or a number, got str$"),
     ]
     for args, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):

@@ -62,13 +62,13 @@ def test_torch_fp32(n, d, scale, bias):
         assert_close_to_ref(name, g, h, lo, factor=3, atol=1e-6 * (1 + h.abs().max().item()))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("n,m", [(1, 1), (3, 5), (40, 33), (17, 17)])
 def test_negative_only_blocks(backend, n, m):
     # the building block of the distributed modes: another rank's texts, every pair a negative, N != M allowed
     from fastclip.ops.siglip import siglip_block
 
-    dtype = torch.float64 if backend == "torch" else torch.float32
+    dtype = torch.float32 if backend == "triton" else torch.float64
     img, _, scale, bias = siglip_inputs(n, 24, dtype, bias=-3.0)
     txt = make_inputs(m, 24, dtype)[1]
     leaves = [img, txt, scale, bias]
@@ -437,3 +437,47 @@ def test_triton_loss_without_gradient_over_every_feature(n, d):
     a = fastclip.siglip_loss(img, txt, 10.0, -5.0, backend="triton")
     b = fastclip.siglip_loss(img.double(), txt.double(), 10.0, -5.0, backend="reference")
     assert abs(a.item() - b.item()) <= 1e-5 * abs(b.item()), (a.item(), b.item())
+
+
+def test_op_called_without_gradient_refuses_a_backward():
+    # the forward op keeps a gradient only when asked (siglip_loss asks when an input requires one): called directly
+    # with compute_grad=False, a backward through it says what happened and what to call instead
+    img, txt, scale, bias = siglip_inputs(5, 4, torch.float32)
+    loss = torch.ops.fastclip.siglip_loss_fwd(img, txt, scale, bias, False, False, "torch", 0)[0]
+    with pytest.raises(RuntimeError, match="^" + re.escape(
+            "fastclip::siglip_loss_fwd was called with compute_grad=False, so it kept no gradient; call "
+            "fastclip.siglip_loss (it decides from requires_grad) rather than the op directly") + "$"):
+        loss.backward()
+
+
+def test_op_outputs_its_gradients_as_non_differentiable():
+    # the forward op's gradient outputs are values, not functions of the inputs autograd could differentiate: a
+    # backward through them would silently use the loss's formula
+    img, txt, scale, bias = siglip_inputs(5, 4, torch.float32)
+    out = torch.ops.fastclip.siglip_loss_fwd(img, txt, scale, bias, False, True, "torch", 0)
+    assert out[0].requires_grad
+    assert [t.requires_grad for t in out[1:]] == [False] * 4
+
+
+def test_forward_makes_gradients_only_when_one_is_wanted(monkeypatch):
+    """The op computes the gradients in its forward sweep (memory: two (N, D) buffers) only when autograd will ask:
+    grad mode on and some input (either features, scale or bias) requiring a gradient; then each input's gradient
+    is right when it alone requires one. The backend gets chunk_size as given (None: its default)."""
+    from fastclip.ops.siglip import pytorch
+
+    calls, siglip_fwd = [], pytorch.siglip_fwd
+    monkeypatch.setattr(pytorch, "siglip_fwd", lambda *args: calls.append(args[5:]) or siglip_fwd(*args))
+    leaves = siglip_inputs(6, 4)
+    detached = [t.detach() for t in leaves]
+    ref_grads = loss_and_grads(reference.siglip_loss_ref, upcast(leaves))[1]
+    for i, name in enumerate(GRAD_NAMES):
+        calls.clear()
+        args = detached[:i] + [leaves[i]] + detached[i + 1:]
+        (grad,) = torch.autograd.grad(fastclip.siglip_loss(*args, backend="torch"), leaves[i])
+        assert calls == [(True, None)], name
+        assert_close(name, grad, ref_grads[i], rtol=1e-10, atol=1e-13)
+    for args, grad_mode, chunk_size in [(leaves, False, 5), (detached, True, 5), (detached[:3] + [None], True, None)]:
+        calls.clear()
+        with torch.set_grad_enabled(grad_mode):
+            fastclip.siglip_loss(*args, backend="torch", chunk_size=chunk_size)
+        assert calls == [(False, chunk_size)], (grad_mode, [t is not None and t.requires_grad for t in args])

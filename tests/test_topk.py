@@ -2,8 +2,11 @@
 broken by the lower index), every backend, odd sizes, k = 1..299 (the triton backend up to its limit, 128), ties,
 NaN and inf, chunked galleries, gradients.
 """
+import contextlib
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -234,18 +237,34 @@ def test_memmap_gallery_fp16(tmp_path):
     _check_valid(q, g, 9, v, i)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_gradient_matches_reference(backend):
-    q = torch.randn(11, 11, dtype=torch.float64 if backend == "torch" else torch.float32, requires_grad=True)
-    g = torch.randn(97, 11, dtype=q.dtype, requires_grad=True)
-    gv = torch.randn(11, 6, dtype=q.dtype)
-    v, i = fastclip.topk_similarity(q, g, 6, backend=backend)
-    dq, dg = torch.autograd.grad((v.to(q.dtype) * gv).sum(), (q, g))
-    rv, ri = topk_similarity_ref(q, g, 6)
-    rdq, rdg = torch.autograd.grad((rv * gv).sum(), (q, g))
-    assert torch.equal(i, ri)
-    torch.testing.assert_close(dq, rdq)
-    torch.testing.assert_close(dg, rdg)
+@pytest.mark.parametrize("backend,dtype,default_device", [
+    ("torch", torch.float64, None), ("triton", torch.float32, None), ("torch", torch.float16, None),
+    ("torch", torch.bfloat16, None), ("torch", torch.float32, "meta")])
+def test_gradient_matches_reference(backend, dtype, default_device):
+    """The gradients against autograd through the reference (in fp32 for half inputs: the backward gathers the
+    chosen rows in the values' dtype and returns each gradient in its input's dtype), with both inputs requiring a
+    gradient and with each alone; also with torch's default device set to another one (meta here, cuda for a
+    user), which no buffer of the forward may follow."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    q0, g0 = torch.randn(11, 11, dtype=torch.float64).to(dtype), torch.randn(97, 11, dtype=torch.float64).to(dtype)
+    gv = torch.randn(11, 6, dtype=acc)
+    rq, rg = q0.to(acc).clone().requires_grad_(), g0.to(acc).clone().requires_grad_()
+    rv, ri = topk_similarity_ref(rq, rg, 6)
+    (rv * gv).sum().backward()
+    for needs in [(True, True), (True, False), (False, True)]:
+        q, g = q0.clone().requires_grad_(needs[0]), g0.clone().requires_grad_(needs[1])
+        with torch.device(default_device) if default_device else contextlib.nullcontext():
+            v, i = fastclip.topk_similarity(q, g, 6, backend=backend)
+            (v * gv).sum().backward()
+        assert torch.equal(i, ri)
+        for leaf, ref, need in [(q, rq, needs[0]), (g, rg, needs[1])]:
+            if not need:
+                assert leaf.grad is None
+                continue
+            assert leaf.grad.dtype == dtype
+            # sums of a few products in another order than the reference's, then one rounding to the dtype
+            tol = 8 * torch.finfo(dtype).eps
+            torch.testing.assert_close(leaf.grad.to(acc), ref.grad, rtol=tol, atol=tol * ref.grad.abs().max().item())
 
 
 def test_opcheck():
@@ -315,6 +334,24 @@ def test_host_gallery_streamed_to_gpu():
     _check_valid(q.cpu(), g, 10, v.cpu(), i.cpu())
 
 
+@pytest.mark.gpu
+def test_host_gallery_gradient_on_both_devices():
+    """The backward of a host gallery streamed to the GPU gathers the chosen rows from the host, returns the queries'
+    gradient on the GPU and the gallery's on the host. Small-integer features: scores exact on both devices."""
+    q = _integer_features(30, 16).cuda().requires_grad_()
+    g = _integer_features(500, 16).cpu().requires_grad_()  # on the host
+    gv = torch.randn(30, 7)
+    v, i = fastclip.topk_similarity(q, g, 7, gallery_chunk=128)
+    (v * gv.cuda()).sum().backward()
+    rq, rg = q.detach().cpu().requires_grad_(), g.detach().clone().requires_grad_()
+    rv, ri = topk_similarity_ref(rq, rg, 7)
+    (rv * gv).sum().backward()
+    assert torch.equal(i.cpu(), ri)
+    assert q.grad.device.type == "cuda" and g.grad.device.type == "cpu"
+    torch.testing.assert_close(q.grad.cpu(), rq.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.grad, rg.grad, rtol=1e-5, atol=1e-5)
+
+
 MEMORY_SCRIPT = r"""
 import json, sys, torch
 import fastclip
@@ -352,15 +389,124 @@ def test_bench_topk_writes_csv(tmp_path, capsys):
     assert "faiss" in capsys.readouterr().out
 
 
-def test_autocast_scores_in_the_autocast_dtype():
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_autocast_scores_in_the_autocast_dtype(backend):
+    # both inputs are cast (as autocast casts both operands of queries @ gallery.T), on every backend
     q, g = torch.randn(9, 16), torch.randn(50, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        v, i = fastclip.topk_similarity(q, g, 7, backend="torch")
-        v_chunked, i_chunked = fastclip.topk_similarity(q, g, 7, backend="torch", gallery_chunk=13)
-    rv, ri = fastclip.topk_similarity(q.bfloat16(), g.bfloat16(), 7, backend="torch")
+        v, i = fastclip.topk_similarity(q, g, 7, backend=backend)
+        v_chunked, i_chunked = fastclip.topk_similarity(q, g, 7, backend=backend, gallery_chunk=13)
+    rv, ri = fastclip.topk_similarity(q.bfloat16(), g.bfloat16(), 7, backend=backend)
     assert torch.equal(v, rv) and torch.equal(i, ri)
     # other GEMM shapes may sum the (exact) bf16 products in another order: the last fp32 bit may differ
     torch.testing.assert_close(v_chunked, rv, atol=1e-5, rtol=1e-6)
     assert torch.equal(i_chunked, ri)
 
 
+
+
+@pytest.mark.parametrize("gallery_chunk", [0, -3, True, 2.0, "4"])
+def test_bad_gallery_chunk(gallery_chunk):
+    q, g = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=rf"^gallery_chunk must be a positive integer or None, got "
+                                         rf"{re.escape(repr(gallery_chunk))}$"):
+        fastclip.topk_similarity(q, g, 2, gallery_chunk=gallery_chunk)
+
+
+def test_bad_input_messages_name_the_layout_and_the_devices():
+    q, g = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"^queries must be 2-D \(queries, dim\), got shape \(4,\), dtype float32"):
+        fastclip.topk_similarity(q[0], g, 2)
+    with pytest.raises(ValueError, match=r"^gallery must be 2-D \(gallery size, dim\), got shape \(4,\), dtype"):
+        fastclip.topk_similarity(q, g[0], 2)
+    # a gallery on another device than the queries must be on the host (streamed from there); meta stands in for
+    # a GPU: the checks refuse a meta gallery with host queries, naming both ...
+    with pytest.raises(ValueError, match=re.escape(
+            "gallery must be on the queries' device or on the CPU (streamed to the queries' device), got queries "
+            "shape (3, 4), dtype float32, device cpu; gallery shape (5, 4), dtype float32, device meta")):
+        fastclip.topk_similarity(q, g.to("meta"), 2)
+    # ... and let a host gallery with meta queries, or both on meta, through to the dispatcher (no backend runs meta)
+    for qd, gd in [("meta", "cpu"), ("meta", "meta")]:
+        with pytest.raises(fastclip.BackendError, match="meta tensors are not supported"):
+            fastclip.topk_similarity(q.to(qd), g.to(gd), 2, backend="torch")
+
+
+def test_host_gallery_chunk_rows(monkeypatch):
+    """A gallery on another device than the queries (the host; meta stands in for a GPU) reaches the op in chunks
+    of _HOST_CHUNK_BYTES // (D * element size) rows, at least one; gallery_chunk overrides; a gallery on the
+    queries' device goes whole (0) unless gallery_chunk says otherwise."""
+    from fastclip.ops import topk
+
+    monkeypatch.setattr(topk, "_HOST_CHUNK_BYTES", 1000)
+    for dtype, d, gallery_chunk, rows in [(torch.float16, 10, None, 50), (torch.float32, 10, None, 25),
+                                          (torch.float32, 10, 7, 7), (torch.float64, 300, None, 1)]:
+        q, g = torch.randn(3, d, device="meta", dtype=dtype), torch.randn(60, d, dtype=dtype)
+        chunk = topk._gallery_chunk(q, g, gallery_chunk)
+        assert chunk == rows and type(chunk) is int, (dtype, d, gallery_chunk, chunk)  # the op's schema: an int
+    q, g = torch.randn(3, 10), torch.randn(60, 10)
+    assert topk._gallery_chunk(q, g, None) == 0
+    assert topk._gallery_chunk(q, g, 7) == 7
+
+
+def test_chunks_reach_the_backend_on_the_queries_device_and_dtype():
+    """Each chunk of a host gallery is moved to the queries' device and dtype before a backend sees it (fp16
+    queries on meta, an fp32 host gallery); the merged result is (Q, k) in the accumulation dtype there."""
+    from fastclip.ops import topk
+
+    seen = []
+
+    def impl(q, part, k):
+        seen.append((part.device.type, part.dtype, part.shape[0], k))
+        return q.new_zeros((q.shape[0], k), dtype=torch.float32), q.new_zeros((q.shape[0], k), dtype=torch.int64)
+
+    q, g = torch.randn(3, 8, device="meta", dtype=torch.float16), torch.randn(50, 8)
+    v, i = topk._chunked(q, g, 12, impl, 20)
+    assert seen == [("meta", torch.float16, 20, 12), ("meta", torch.float16, 20, 12), ("meta", torch.float16, 10, 10)]
+    assert v.shape == i.shape == (3, 12) and v.device.type == i.device.type == "meta"
+    assert v.dtype == torch.float32 and i.dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_gallery_goes_whole_unless_chunked(monkeypatch, backend):
+    """A gallery on the queries' device reaches the backend in one piece (the host budget does not apply to it),
+    or gallery_chunk rows at a time."""
+    from fastclip.ops import topk
+
+    monkeypatch.setattr(topk, "_HOST_CHUNK_BYTES", 64)  # 4 rows of 4 fp32: would show if it applied
+    seen = []
+    row = topk.supports(topk.OP)[backend]
+    monkeypatch.setitem(topk.supports(topk.OP), backend, dataclasses.replace(
+        row, impl=lambda q, part, k: seen.append(part.shape[0]) or topk_similarity_ref(q, part, k)))
+    q, g = torch.randn(3, 4), torch.randn(50, 4)
+    ref = topk_similarity_ref(q, g, 5)
+    for gallery_chunk, parts in [(None, [50]), (20, [20, 20, 10])]:
+        seen.clear()
+        out = fastclip.topk_similarity(q, g, 5, backend=backend, gallery_chunk=gallery_chunk)
+        assert seen == parts, (gallery_chunk, seen)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize("gallery_chunk", [None, 13])
+def test_values_dtype_does_not_follow_the_default_dtype(gallery_chunk):
+    # values are fp32 for fp16/fp32 inputs whatever torch.set_default_dtype says (fp64 users set it)
+    q, g = torch.randn(4, 8), torch.randn(40, 8)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for dtype in (torch.float16, torch.float32):
+            v, _ = fastclip.topk_similarity(q.to(dtype), g.to(dtype), 5, backend="torch", gallery_chunk=gallery_chunk)
+            assert v.dtype == torch.float32, (dtype, v.dtype)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_reference_backend_is_plain_autograd():
+    """The reference backend is the naive maths without the custom op, so every autograd mode works on it:
+    forward-mode AD (jvp; through the custom op, which has no formula for it, the tangent comes out zero) gives
+    the derivative of the chosen scores, d(q_i . g_j) = dq_i . g_j + q_i . dg_j."""
+    q, g = torch.randn(5, 6, dtype=torch.float64), torch.randn(30, 6, dtype=torch.float64)
+    dq, dg = torch.randn_like(q), torch.randn_like(g)
+    (v, i), (dv, _) = torch.func.jvp(lambda a, b: fastclip.topk_similarity(a, b, 4, backend="reference"), (q, g),
+                                     (dq, dg))
+    assert torch.equal(i, topk_similarity_ref(q, g, 4)[1])
+    torch.testing.assert_close(dv, (dq[:, None, :] * g[i]).sum(-1) + (q[:, None, :] * dg[i]).sum(-1))

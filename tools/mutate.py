@@ -81,6 +81,112 @@ _SIGLIP_TORCH = [
     *_ids("tests/test_regimes_losses.py::test_siglip_extreme_logits", "float32-torch", "float16-torch"),
 ]
 
+# The tests that go through topk_similarity (checks, autocast, chunked gallery, custom op, autograd) on the torch
+# and reference backends, and the cheapest Triton ones (the "triton" row's impl and dtypes); not the torch
+# backend's tile tests (they call pytorch.py directly), nor the slow Triton cases
+_TOPK = [
+    "tests/test_forward_ad.py",
+    *_ids("tests/test_topk.py::test_random_matches_full_topk",
+          *(f"torch-dtype{6 * i + j}-{s}" for i in range(4) for j, s in ((0, "1-1-3-1"), (1, "3-77-33-5")))),
+    *_ids("tests/test_topk.py::test_ties_lower_index_first", "torch-dtype0-1", "torch-dtype8-10"),
+    *[f"tests/test_topk.py::test_{t}[{b}]" for t in ("all_equal_scores_give_first_indices", "signed_zero_is_a_tie",
+                                                   "nan_and_inf_rank_as_torch") for b in ("torch", "reference")],
+    "tests/test_topk.py::test_nan_and_inf_rank_as_torch[triton]",
+    *_ids("tests/test_topk.py::test_gallery_chunks_merge_exactly", "torch-1", "torch-64", "torch-333", "reference-64"),
+    "tests/test_topk.py::test_memmap_gallery_fp16",
+    "tests/test_topk.py::test_gradient_matches_reference",
+    "tests/test_topk.py::test_opcheck",
+    "tests/test_topk.py::test_bad_input",
+    "tests/test_topk.py::test_explicit_backend_refusal_says_why",
+    "tests/test_topk.py::test_triton_k_limit",
+    "tests/test_topk.py::test_autocast_scores_in_the_autocast_dtype",
+    *[f"tests/test_topk.py::test_{t}" for t in (
+        "bad_gallery_chunk", "bad_input_messages_name_the_layout_and_the_devices", "host_gallery_chunk_rows",
+        "chunks_reach_the_backend_on_the_queries_device_and_dtype", "gallery_goes_whole_unless_chunked",
+        "values_dtype_does_not_follow_the_default_dtype", "reference_backend_is_plain_autograd")],
+]
+
+# The tests that go through siglip_loss / siglip_block / the custom ops on the torch and reference backends
+# (checks, autocast, the deferred text gradient, upstream gradients, no-grad forwards), and the cheapest
+# Triton ones (the row whose forward defers the text gradient); not the Triton numerics, nor opcheck and
+# torch.compile (seconds each; the ops' bodies and fakes are decorated, which mutmut leaves alone)
+_SIGLIP = [
+    "tests/test_forward_ad.py",
+    *_ids("tests/test_siglip.py::test_matches_open_clip_fp64",
+          *(f"{s}-{n}-{b}" for s in ("1.0--10.0-True", "30.0-None-False") for n in ("1-5", "3-16")
+            for b in ("reference", "torch"))),
+    *_ids("tests/test_siglip.py::test_torch_fp32", "1.0--10.0-3-16"),
+    *_ids("tests/test_siglip.py::test_negative_only_blocks", "1-1-torch", "40-33-torch", "3-5-triton",
+          "3-5-reference"),
+    *_ids("tests/test_siglip.py::test_torch_chunk_sizes", "13"),
+    *[f"tests/test_siglip.py::test_{t}[{b}]" for t in ("upstream_gradient_and_retain_graph", "no_grad_forward")
+      for b in ("torch", "triton")],
+    *_ids("tests/test_siglip.py::test_backward_makes_a_deferred_text_gradient", "False-torch", "True-torch",
+          "True-triton"),
+    "tests/test_siglip.py::test_module_passes_its_arguments",
+    "tests/test_siglip.py::test_python_number_scale_and_bias",
+    "tests/test_siglip.py::test_bad_inputs_raise_clear_errors",
+    *_ids("tests/test_siglip.py::test_nan_in_nan_out", "reference", "torch"),
+    "tests/test_siglip.py::test_explicit_backend_that_cannot_run_raises",
+    "tests/test_siglip.py::test_auto_selection_and_bf16_on_cpu",
+    "tests/test_autocast.py::test_siglip_under_autocast",
+    "tests/test_autocast.py::test_siglip_module_under_cpu_autocast_does_not_crash",
+    *[f"tests/test_siglip.py::test_{t}" for t in ("op_called_without_gradient_refuses_a_backward",
+                                                  "op_outputs_its_gradients_as_non_differentiable",
+                                                  "forward_makes_gradients_only_when_one_is_wanted")],
+]
+
+# The tests that go through contrastive_loss and its custom ops on the torch and reference backends (checks,
+# autocast, label smoothing, chunks, the fakes' dtypes, the trained regime); the Triton numerics and torch.compile
+# are left out (seconds each; the ops' bodies and fakes are decorated, which mutmut leaves alone)
+_CONTRASTIVE = [
+    "tests/test_forward_ad.py",
+    *_ids("tests/test_contrastive.py::test_matches_open_clip_fp64",
+          *(f"{s}-{n}-{b}" for s in ("1.0-None-True", "14.3--2.5-True") for n in ("1-5", "3-16")
+            for b in ("reference", "torch"))),
+    *_ids("tests/test_contrastive.py::test_matches_open_clip_fp32", "1.0-None-3-16-torch",
+          "100.0--10.0-3-16-reference"),
+    "tests/test_contrastive.py::test_module_passes_its_arguments",
+    "tests/test_contrastive.py::test_python_number_scale",
+    *_ids("tests/test_contrastive.py::test_label_smoothing", "0.1-torch", "1.0-torch"),
+    *_ids("tests/test_contrastive.py::test_torch_chunk_sizes", "13"),
+    "tests/test_contrastive.py::test_torch_backend_chunks",
+    "tests/test_contrastive.py::test_ops_outputs_have_their_fakes_dtypes",
+    "tests/test_contrastive.py::test_bad_inputs_raise_clear_errors",
+    *_ids("tests/test_contrastive.py::test_nan_in_nan_out", "reference", "torch"),
+    "tests/test_contrastive.py::test_explicit_backend_that_cannot_run_raises",
+    "tests/test_contrastive.py::test_bf16_on_cpu_through_auto",
+    "tests/test_autocast.py::test_contrastive_under_autocast",
+    "tests/test_checks.py::test_feature_errors_name_the_argument_shape_dtype_and_device[contrastive_loss]",
+    "tests/test_checks.py::test_scalar_arguments",
+    "tests/test_checks.py::test_label_smoothing_bounds",
+    *_ids("tests/test_regimes_losses.py::test_contrastive_trained_regime", "plain-float32-torch",
+          "bias+smoothing-float16-torch"),
+]
+
+# The tests that go through flash_attention: the checks' messages, the torch and reference backends at a small
+# shape with every mask, autocast, and the custom ops' glue (saved inputs, causal, mask, scale) through the
+# smallest Triton cross-attention cases; not the Triton numerics at CLIP shapes, nor opcheck and torch.compile
+_MASKS = ("none", "causal", "padding", "causal+padding", "all-padded")
+_ATTENTION = [
+    "tests/test_forward_ad.py",
+    *_ids("tests/test_attention.py::test_plain_backends_fp64",
+          *(f"2-3-2-16-{m}-{b}" for m in _MASKS for b in ("torch", "reference"))),
+    *_ids("tests/test_attention.py::test_torch_backend_low_precision", "dtype0"),
+    "tests/test_attention.py::test_fully_padded_rows_zero_output_and_finite_grads",
+    *_ids("tests/test_attention.py::test_nan_in_nan_out", "q-reference", "q-torch", "k-triton"),
+    "tests/test_attention.py::test_bad_inputs_raise_clear_errors",
+    "tests/test_attention.py::test_bad_input_messages_in_full",
+    "tests/test_attention.py::test_explicit_backend_that_cannot_run_raises",
+    "tests/test_attention.py::test_auto_selection",
+    *_ids("tests/test_attention_cross.py::test_cross_attention",
+          *(f"{c}-dtype0-{b}" for c in ("1-1-33-2-16-False-True", "2-33-1-1-16-True-False")
+            for b in ("reference", "torch", "triton"))),
+    *_ids("tests/test_attention_cross.py::test_causal_is_top_left", "5-12-reference", "5-12-torch", "5-12-triton"),
+    "tests/test_autocast.py::test_attention_under_autocast",
+    "tests/test_checks.py::test_attention_errors",
+]
+
 # module -> the test files (pytest node ids allowed) that exercise it
 MODULE_TESTS = {
     "fastclip/tokenizer.py": ["tests/test_tokenizer.py", "tests/test_regimes_tokenizer.py"],
@@ -116,20 +222,20 @@ MODULE_TESTS = {
                                  ("siglip", "auto_selection_and_bf16_on_cpu"),
                                  ("attention", "explicit_backend_that_cannot_run_raises"),
                                  ("attention", "auto_selection"))]],
-    "fastclip/_checks.py": ["tests/test_checks.py", "tests/test_topk.py::test_bad_input",
+    "fastclip/_checks.py": ["tests/test_checks.py", "tests/test_topk.py::test_bad_input", "tests/test_forward_ad.py",
                             *[f"tests/test_{op}.py::test_bad_inputs_raise_clear_errors"
                               for op in ("contrastive", "siglip", "attention")],
                             "tests/test_autocast.py::test_fp64_is_never_cast_by_autocast",
                             "tests/test_autocast.py::test_numpy_scalar_logit_scale"],
     # not test_attention.py's torch.compile(fullgraph=True) block: compiling cannot trace mutmut's trampolines
     "fastclip/nn.py": ["tests/test_nn.py", "tests/test_regimes_attention.py"],
-    "fastclip/ops/contrastive/__init__.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
+    "fastclip/ops/contrastive/__init__.py": _CONTRASTIVE,
     "fastclip/ops/contrastive/pytorch.py": _CONTRASTIVE_TORCH,
     "fastclip/ops/contrastive/reference.py": ["tests/test_contrastive.py", "tests/test_regimes_losses.py"],
-    "fastclip/ops/siglip/__init__.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
+    "fastclip/ops/siglip/__init__.py": _SIGLIP,
     "fastclip/ops/siglip/pytorch.py": _SIGLIP_TORCH,
     "fastclip/ops/siglip/reference.py": ["tests/test_siglip.py", "tests/test_regimes_losses.py"],
-    "fastclip/ops/attention/__init__.py": ["tests/test_attention.py", "tests/test_regimes_attention.py"],
+    "fastclip/ops/attention/__init__.py": _ATTENTION,
     # the tests that run the "torch" backend (test_attention.py's others exercise Triton in the interpreter)
     "fastclip/ops/attention/pytorch.py": [
         "tests/test_attention.py::test_plain_backends_fp64",
@@ -148,6 +254,7 @@ MODULE_TESTS = {
         "tests/test_towers.py",
         "tests/test_regimes_models.py::test_layer_norm_upcasts_bit_for_bit",
         "tests/test_regimes_models.py::test_layer_norm_low_precision_weights_stay_in_their_dtype"],
+    "fastclip/ops/topk/__init__.py": _TOPK,
     "fastclip/models/factory.py": ["tests/test_models.py", "tests/test_regimes_models.py"],
 }
 

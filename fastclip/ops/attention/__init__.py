@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor
+from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor, refuse_forward_ad
 from fastclip.dispatch import Lazy, Support, cuda_ext_unavailable, cuda_kernel_reasons, no_bf16_in_interpreter, \
     register, select, supports, triton_unavailable
 from fastclip.ops.attention import reference
@@ -180,5 +180,6 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     if row.backend in ("reference", "torch"):  # plain PyTorch: autograd differentiates it
         with torch.autocast(q.device.type, enabled=False):
             return row.impl(q, k, v, causal, key_padding_mask, scale)
+    refuse_forward_ad(OP, row.backend, q=q, k=k, v=v)
     out, _ = torch.ops.fastclip.flash_attention_fwd(q, k, v, key_padding_mask, causal, scale, row.backend)
     return out

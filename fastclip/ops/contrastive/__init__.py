@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastclip._checks import amp_cast, amp_loss_dtype, as_scalar, autocast_dtype, check_chunk_size, check_feature_pair, \
-    check_label_smoothing
+    check_label_smoothing, refuse_forward_ad
 from fastclip.dispatch import Lazy, Support, cuda_ext_unavailable, cuda_kernel_reasons, no_bf16_in_interpreter, \
     register, select, supports, triton_unavailable
 from fastclip.ops.contrastive import reference
@@ -149,6 +149,7 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     row = select(OP, backend, device=image.device, dtype=image.dtype, dim=image.shape[1])
     if row.backend == "reference":  # open_clip's code, autocast included
         return row.impl(image_features, text_features, scale, bias, label_smoothing=ls).to(out_dtype)
+    refuse_forward_ad(OP, row.backend, image_features=image, text_features=text, logit_scale=scale, logit_bias=bias)
     loss, _, _ = torch.ops.fastclip.contrastive_loss_fwd(image, text, scale, bias, ls, row.backend,
                                                          int(chunk_size or 0))
     return loss.to(out_dtype)

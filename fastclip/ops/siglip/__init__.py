@@ -13,7 +13,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastclip._checks import amp_cast, amp_loss_dtype, as_scalar, autocast_dtype, check_chunk_size, check_feature_pair
+from fastclip._checks import amp_cast, amp_loss_dtype, as_scalar, autocast_dtype, check_chunk_size, check_feature_pair, \
+    refuse_forward_ad
 from fastclip.dispatch import Lazy, Support, no_bf16_in_interpreter, register, select, supports, triton_unavailable
 from fastclip.ops.contrastive.pytorch import acc_dtype
 from fastclip.ops.siglip import reference
@@ -123,6 +124,7 @@ def siglip_block(image_features: Tensor, text_features: Tensor, scale: Tensor, b
     row = select(OP, backend, device=image.device, dtype=image.dtype, dim=image.shape[1])
     if row.backend == "reference":  # open_clip's code, autocast included
         return row.impl(image_features, text_features, scale, bias, negative_only=negative_only).to(out_dtype)
+    refuse_forward_ad(OP, row.backend, image_features=image, text_features=text, logit_scale=scale, logit_bias=bias)
     loss, *_ = torch.ops.fastclip.siglip_loss_fwd(image, text, scale, bias, bool(negative_only),
                                                   _needs_grad(image, text, scale, bias), row.backend,
                                                   int(chunk_size or 0))

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor
+from fastclip._checks import _fmt, amp_cast, autocast_dtype, check_float_tensor, refuse_forward_ad
 from fastclip.dispatch import Lazy, Support, no_bf16_in_interpreter, register, select, supports, triton_unavailable
 from fastclip.ops.contrastive.pytorch import acc_dtype
 from fastclip.ops.topk.pytorch import merge_topk
@@ -105,6 +105,17 @@ def _check(queries, gallery, k, gallery_chunk) -> None:
         raise ValueError(f"gallery_chunk must be a positive integer or None, got {gallery_chunk!r}")
 
 
+def _gallery_chunk(queries: Tensor, gallery: Tensor, gallery_chunk: Optional[int]) -> int:
+    """The op's ``gallery_chunk``: the rows a backend sees at once, 0 for the whole gallery. A gallery on another
+    device than the queries (the host) goes ``_HOST_CHUNK_BYTES`` of rows at a time (at least one row) unless
+    ``gallery_chunk`` says otherwise."""
+    if gallery_chunk is not None:
+        return gallery_chunk
+    if gallery.device == queries.device:
+        return 0
+    return max(1, _HOST_CHUNK_BYTES // (gallery.shape[1] * gallery.element_size()))
+
+
 def topk_similarity(queries: Tensor, gallery: Tensor, k: int, *, backend: str = "auto",
                     gallery_chunk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """The k gallery rows with the largest inner product with each query, without the (Q, G) score matrix.
@@ -150,10 +161,9 @@ def topk_similarity(queries: Tensor, gallery: Tensor, k: int, *, backend: str = 
     if gallery.device == queries.device:
         gallery = amp_cast(gallery, amp)
     row = select(OP, backend, device=queries.device, dtype=queries.dtype, dim=queries.shape[1], sizes={"k": k})
-    chunk = gallery_chunk
-    if chunk is None and gallery.device != queries.device:
-        chunk = max(1, _HOST_CHUNK_BYTES // (gallery.shape[1] * gallery.element_size()))
+    chunk = _gallery_chunk(queries, gallery, gallery_chunk)
     with torch.autocast(queries.device.type, enabled=False):  # the backends' GEMMs run in the inputs' dtype
-        if row.backend == "reference" and chunk is None:
+        if row.backend == "reference" and not chunk:  # plain PyTorch: autograd differentiates the naive maths
             return row.impl(queries, gallery, k)
-        return torch.ops.fastclip.topk_similarity(queries, gallery, k, row.backend, int(chunk or 0))
+        refuse_forward_ad(OP, row.backend, queries=queries, gallery=gallery)
+        return torch.ops.fastclip.topk_similarity(queries, gallery, k, row.backend, chunk)
