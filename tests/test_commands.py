@@ -271,9 +271,10 @@ def test_run_folder_of_a_siglip_run(setup, tmp_path, capsys):
     torch.testing.assert_close(torch.tensor([got["red circle"], got["blue square"]]), want, atol=1e-6, rtol=1e-5)
 
 
-# `fastclip train`'s tiny CLIP on its synthetic shapes, about 35 s of one CPU core: enough to learn the colours
-# (a 1,200-step run at batch 16 still ranked shapes near chance: precision@5 0.32 against 0.25)
-SHAPES_RUN = ["--data", "synthetic", "--model", "tiny", "--batch-size", "64", "--steps", "200", "--lr", "3e-3",
+# `fastclip train`'s tiny-rn CLIP on its synthetic shapes, about 65 s of one CPU core: enough to learn the colours
+# and the shapes. The ViT of `tiny` learns the colours only (shape accuracy 0.24-0.37 against a chance of 0.25 in
+# 200-800-step runs at batch 32-64); 200 steps of 128 left this ResNet's shapes at 0.4-0.75 depending on the seed
+SHAPES_RUN = ["--data", "synthetic", "--model", "tiny-rn", "--batch-size", "128", "--steps", "300", "--lr", "3e-3",
               "--seed", "0", "--eval-every", "0", "--eval-samples", "24", "--log-every", "100"]
 
 
@@ -300,10 +301,14 @@ def _shapes_folder(root, per_class):
 
 @pytest.mark.slow
 def test_search_a_red_circle_with_a_trained_run(tmp_path, capsys):
-    """``fastclip train`` on the synthetic shapes, then ``fastclip index`` of 5 new images of each of the 24
-    (colour, shape) classes and ``fastclip search "a red circle"``: the top 5 are all red (20 of the 120 images
-    are; a random ranking gives that with probability C(20, 5) / C(120, 5) = 8e-5). The shape is not asserted:
-    this run learns the colour, not yet the shape."""
+    """``fastclip train`` on the synthetic shapes, ``fastclip index`` of 10 new images of each of the 24 (colour,
+    shape) classes, then ``fastclip search "a <colour> <shape>"`` for each class, top 5.
+
+    "a red circle": all 5 are red and most are circles. Over the 24 queries, 60% of the hits are of the asked class
+    (colour and shape). A model that knows the colour but not the shape gets 25% in expectation (10 of the 40 images
+    of a colour are of the asked shape), a random ranking 1/24. Runs of this
+    configuration with --seed 0, 1, 2 got 82%, 95%, 76% (4, 5, 3 circles for "a red circle", the rest red crosses).
+    """
     import subprocess
     import sys
 
@@ -314,10 +319,18 @@ def test_search_a_red_circle_with_a_trained_run(tmp_path, capsys):
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root), capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    labels = _shapes_folder(str(tmp_path / "shapes"), per_class=5)
+    from fastclip.train.data import COLOURS, SHAPES
+
+    labels = _shapes_folder(str(tmp_path / "shapes"), per_class=10)
     index = str(tmp_path / "idx")
     assert main(["index", str(tmp_path / "shapes"), "--out", index, "--run", run, "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["search", index, "a red circle", "--top", "5", "--json"]) == 0
-    top = [labels[h["path"]] for h in json.loads(capsys.readouterr().out)]
-    assert all(c == "red" for c, _ in top), top
+    hits = {}
+    for c in COLOURS:
+        for s in SHAPES:
+            assert main(["search", index, f"a {c} {s}", "--top", "5", "--json"]) == 0
+            hits[c, s] = [labels[h["path"]] for h in json.loads(capsys.readouterr().out)]
+    red_circle = hits["red", "circle"]
+    assert all(c == "red" for c, _ in red_circle) and sum(s == "circle" for _, s in red_circle) >= 3, red_circle
+    right = sum(h == query for query, top in hits.items() for h in top) / (5 * len(hits))
+    assert right >= 0.6, (right, hits)

@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--csv-separator", help="column separator (default: tab for .tsv, comma otherwise)")
     g.add_argument("--workers", type=int, help="threads decoding images (default 0: in the training thread)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="'tiny' or a name of fastclip.list_models() (default tiny)")
+    g.add_argument("--model", help="'tiny' (a ViT), 'tiny-rn' (a ResNet) or a name of fastclip.list_models() "
+                                    "(default tiny)")
     g.add_argument("--pretrained", help="checkpoint file to start from")
     g.add_argument("--attn", choices=("fastclip", "sdpa"), help="attention: fastclip.flash_attention (default) or "
                                                                  "PyTorch's SDPA")
