@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fastclip
 
 N, D = 7, 16
-MESSAGE = r"forward-mode AD \(torch.func.jvp, torch.autograd.forward_ad\) does not run through backend '{}', " \
+MESSAGE = r"^{}: forward-mode AD \(torch.func.jvp, torch.autograd.forward_ad\) does not run through backend '{}', " \
           r"which would drop the tangent that {} carries; use backend='reference'"
 
 
@@ -41,12 +41,12 @@ def test_fused_backends_refuse_forward_ad_and_reference_computes_it(index):
     op, first, primals, make = _ops()[index]
     tangents = tuple(torch.randn_like(p) for p in primals)
     fused = "triton" if op == "flash_attention" else "torch"  # the attention torch backend is SDPA: see below
-    with pytest.raises(NotImplementedError, match=MESSAGE.format(fused, first)):
+    with pytest.raises(NotImplementedError, match=MESSAGE.format(op, fused, first)):
         torch.func.jvp(make(fused), primals, tangents)
     # only the second input carries a tangent: it is the one named
     second = "text_features" if op in ("contrastive_loss", "siglip_loss") else ("gallery" if op == "topk_similarity"
                                                                                  else "k")
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=MESSAGE.format(fused, second)):
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=MESSAGE.format(op, fused, second)):
         make(fused)(primals[0], fwAD.make_dual(primals[1], tangents[1]), *primals[2:])
     # the reference backend's tangent is the directional derivative (central difference, fp64)
     _, jvp = torch.func.jvp(make("reference"), primals, tangents)
@@ -69,3 +69,16 @@ def test_plain_calls_and_reverse_mode_are_untouched():
             fused = (loss, grads)
     torch.testing.assert_close(fused[0], loss)
     torch.testing.assert_close(fused[1], grads)
+
+
+@pytest.mark.parametrize("op", ["contrastive_loss", "siglip_loss"])
+@pytest.mark.parametrize("which", ["logit_scale", "logit_bias"])
+def test_a_tangent_on_a_scalar_is_refused_too(op, which):
+    """d loss / d logit_scale (or logit_bias) by forward mode: the scalar alone carries the tangent."""
+    img, txt = _features()
+    scalars = {"logit_scale": torch.tensor(10.0, dtype=torch.float64),
+               "logit_bias": torch.tensor(-5.0, dtype=torch.float64)}
+    with fwAD.dual_level():
+        scalars[which] = fwAD.make_dual(scalars[which], torch.ones((), dtype=torch.float64))
+        with pytest.raises(NotImplementedError, match=MESSAGE.format(op, "torch", which)):
+            getattr(fastclip, op)(img, txt, scalars["logit_scale"], scalars["logit_bias"], backend="torch")
