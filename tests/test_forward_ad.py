@@ -82,3 +82,12 @@ def test_a_tangent_on_a_scalar_is_refused_too(op, which):
         scalars[which] = fwAD.make_dual(scalars[which], torch.ones((), dtype=torch.float64))
         with pytest.raises(NotImplementedError, match=MESSAGE.format(op, "torch", which)):
             getattr(fastclip, op)(img, txt, scalars["logit_scale"], scalars["logit_bias"], backend="torch")
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_attention_names_the_input_with_the_tangent(which):
+    x = {name: torch.randn(2, 5, 2, D) for name in ("q", "k", "v")}
+    with fwAD.dual_level():
+        x[which] = fwAD.make_dual(x[which], torch.randn(2, 5, 2, D))
+        with pytest.raises(NotImplementedError, match=MESSAGE.format("flash_attention", "triton", which)):
+            fastclip.flash_attention(x["q"], x["k"], x["v"], backend="triton")
