@@ -209,6 +209,35 @@ def test_torch_backend_chunks(monkeypatch):
             assert_close(name, g, r, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_without_targets(backend):
+    """A block backward with ``targets=False`` (the distributed ring's off-diagonal blocks) differs from the full
+    one by exactly the one-hot targets' terms, -2 g s / 2N T_i for d_image, -2 g s / 2N I_i for d_text and
+    -2 g / 2N sum_i <I_i, T_i> for d(logit_scale); label smoothing's uniform term stays in both."""
+    from fastclip.dispatch import supports
+
+    fwd, bwd = supports("contrastive_loss")[backend].impl
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    n, s, g, eps = 9, 7.0, 0.7, 0.1
+    img, txt = F.normalize(torch.randn(n, 16, dtype=dtype), dim=-1), F.normalize(torch.randn(n, 16, dtype=dtype),
+                                                                                 dim=-1)
+    scale, grad = torch.tensor(s, dtype=dtype), torch.tensor(g, dtype=dtype)
+    _, row, col = fwd(img, txt, scale, None, eps, None)
+    full = bwd(grad, img, txt, scale, None, row, col, eps, None)
+    none = bwd(grad, img, txt, scale, None, row, col, eps, None, targets=False)
+    c = -2 * (1 - eps) * g / (2 * n)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+    torch.testing.assert_close(full[0] - none[0], c * s * txt, **tol)
+    torch.testing.assert_close(full[1] - none[1], c * s * img, **tol)
+    torch.testing.assert_close(full[2] - none[2], c * (img * txt).sum(), **tol)
+    # and at scale 0, where the Triton launcher forms d(logit_scale) in closed form
+    zero = torch.zeros((), dtype=dtype)
+    _, row, col = fwd(img, txt, zero, None, eps, None)
+    full = bwd(grad, img, txt, zero, None, row, col, eps, None)
+    none = bwd(grad, img, txt, zero, None, row, col, eps, None, targets=False)
+    torch.testing.assert_close(full[2] - none[2], c * (img * txt).sum(), **tol)
+
+
 def test_rowdot_in_chunks():
     # the rows' dot products in chunks (the distributed modes' diagonal), chunks that do not divide N included
     from fastclip.ops.contrastive.pytorch import _rowdot

@@ -54,6 +54,7 @@ _CONTRASTIVE_TORCH = [
     "tests/test_contrastive.py::test_module_passes_its_arguments",
     "tests/test_contrastive.py::test_torch_backend_chunks",
     "tests/test_contrastive.py::test_rowdot_in_chunks",
+    "tests/test_contrastive.py::test_backward_without_targets[torch]",
     *_ids("tests/test_contrastive.py::test_ops_outputs_have_their_fakes_dtypes", "torch-dtype0-scalar_dtype0",
           "torch-dtype1-scalar_dtype1"),
     "tests/test_contrastive.py::test_merge_partials_on_the_partials_device",
