@@ -391,9 +391,9 @@ class _ContrastiveRing(torch.autograd.Function):
         local_r = 2 n L_0 + sum_i softplus(row_others_i - row_0_i) + sum_j softplus(col_others_j - col_0_j);
         L = sum_r local_r / (2 N_global)  (all_reduce).
     Backward: the text blocks travel again with their global column statistics, (the diagonal block's max, log-sum
-    extended by the others); each block's gradients are the contrastive backward of one block (P + Q - 2 delta,
-    with the global statistics; the one-hot terms are removed again for the off-diagonal blocks, an O(N D)
-    correction), dI accumulates locally, dT rides along as in the SigLIP ring. d(logit_scale) is all-reduced.
+    extended by the others); each block's gradients are the contrastive backward of one block with the global
+    statistics: P + Q - 2 delta for the diagonal block, P + Q (``targets=False``) for the others, which hold no
+    positive pair. dI accumulates locally, dT rides along as in the SigLIP ring. d(logit_scale) is all-reduced.
     """
 
     @staticmethod
