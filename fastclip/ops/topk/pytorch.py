@@ -65,10 +65,8 @@ def topk_similarity(queries: torch.Tensor, gallery: torch.Tensor, k: int, block_
                     block_g: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(values (Q, k) in the accumulation dtype, indices (Q, k) int64) of the k largest ``queries @ gallery.T``.
 
-    After the first gallery tile each query has k running entries, and a tile can change a row only if the row's
-    maximum beats its running k-th score (or is NaN, which ranks above every number; an equal score loses to
-    the running entry's lower index). The row maxima are one cheap reduction; the top-k and the merge run only on
-    the rows they admit, which after the first few tiles of a search are few (about k / t of them at tile t).
+    The first gallery tile fills each query's running top-k; every later tile goes through
+    :func:`_merge_entrants`, which searches only the column blocks whose maximum beats a row's running k-th score.
     """
     nq, ng = queries.shape[0], gallery.shape[0]
     dt = acc_dtype(queries.dtype)
