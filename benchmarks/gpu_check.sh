@@ -11,7 +11,9 @@
 #   c_tests   <= 3 min  pytest -m "gpu and not slow" -x
 #   d_cuda    <= 3 min  the CUDA extension built for sm_90 only, the device-primitives self-test, compute-sanitizer
 #                       memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1)
-#   e_extra   what is left: racecheck, synccheck, the loss at N = 262k and 1M (bench.csv)
+#   e_extra   what is left: top-k search (bf16, Q 4k/16k, G 262k/1M, D 512, k 10) against a materialized
+#             torch.topk (fastclip bench topk -> bench.csv; its TFLOP/s against smoke.csv's cuBLAS bf16 rate is the
+#             issue's >= 70% target), racecheck, synccheck, the loss at N = 262k and 1M (bench.csv)
 #
 # GPU_CHECK_STAGES picks stages ("a b" runs the first two). The whole script stops within GPU_CHECK_BUDGET seconds (default 450, so the device tool's first command ends
 # inside 8 minutes and a rerun fits). $OUT (default ./fastclip-results/gpu_check) ends with at most 8 files, the
@@ -108,6 +110,10 @@ stage_d() {
 }
 
 stage_e() {
+  local topk_args="--q 4096 16384 --g 262144 1048576 --d 512 --k 10 --dtype bf16 --rep 5"
+  [ "$DRY" = 1 ] && topk_args="--device cpu --q 16 --g 300 --d 32 --k 10 --dtype fp32 --rep 1"
+  timeout -k 5 "${TOPK_LIMIT:-90}" $PY -m fastclip bench topk $topk_args --provider fastclip torch.topk \
+    --csv "$OUT/bench.csv" || echo "bench topk: exit $?"
   if [ "$DRY" = 1 ]; then
     echo "dry run: skipped racecheck, synccheck and the 262k/1M loss sizes"
     return 0

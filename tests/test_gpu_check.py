@@ -24,6 +24,10 @@ def test_stages_are_selected_logged_and_fit_the_device_tool(tmp_path):
     out, stages, _ = _run(tmp_path, GPU_CHECK_STAGES="d e")
     assert [s.split()[0] for s in stages] == ["d_cuda", "e_extra"] and all("rc=0" in s for s in stages)
     assert "skipped" in (out / "d_cuda.log").read_text()
+    assert "bench topk: exit" not in (out / "e_extra.log").read_text()
+    with open(out / "bench.csv") as f:  # e's top-k search: fastclip against the materialized torch.topk
+        assert [(r["op"], r["provider"]) for r in csv.DictReader(f)] == [("topk_similarity", "fastclip"),
+                                                                         ("topk_similarity", "torch.topk")]
     assert len(os.listdir(out)) <= 8  # the device tool returns at most 8 files
 
 
@@ -49,7 +53,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert attention and all(r["ok"] == "True" for r in attention), attention
     with open(out / "bench.csv") as f:
         bench = list(csv.DictReader(f))
-    assert {r["op"] for r in bench} == {"contrastive_loss", "flash_attention"}
+    assert {r["op"] for r in bench} == {"contrastive_loss", "flash_attention", "topk_similarity"}
     tests_log = (out / "c_tests.log").read_text()
     assert "skipped" in tests_log and "failed" not in tests_log  # GPU tests selected, each skipped on the CPU
     assert len(os.listdir(out)) <= 8

@@ -389,6 +389,19 @@ def test_bench_topk_writes_csv(tmp_path, capsys):
     assert "faiss" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("providers", [["fastclip", "torch.topk"], ["faiss"], ["fastclip"]])
+def test_bench_topk_any_subset_of_providers(tmp_path, capsys, providers):
+    # the GPU pass runs fastclip against torch.topk alone; the fastclip / faiss ratio is printed only with both
+    from fastclip.bench.common import read_csv
+    from fastclip.cli import main
+
+    csv_path = tmp_path / "topk.csv"
+    assert main(["bench", "topk", "--q", "8", "--g", "100", "--d", "8", "--k", "3", "--rep", "1", "--provider",
+                 *providers, "--csv", str(csv_path)]) == 0
+    assert [r["provider"] for r in read_csv(str(csv_path))] == providers
+    assert "fastclip / faiss" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_autocast_scores_in_the_autocast_dtype(backend):
     # both inputs are cast (as autocast casts both operands of queries @ gallery.T), on every backend

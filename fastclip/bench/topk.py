@@ -128,7 +128,7 @@ def run(args) -> List[Row]:
                                             tflops=2.0 * q_size * g_size * args.d / (p50 * 1e-3) / 1e12, note=note))
                             sink.write(rows[-1])
                         print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-                    if all(not isinstance(results.get(n), str) for n in ("fastclip", "faiss")):
+                    if all(n in results and not isinstance(results[n], str) for n in ("fastclip", "faiss")):
                         ratio = quantiles(results["fastclip"][0])[1] / quantiles(results["faiss"][0])[1]
                         print(f"# Q={q_size} G={g_size}: fastclip / faiss median time = {ratio:.3f}", file=sys.stderr)
                 del gallery, table
