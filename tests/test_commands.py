@@ -271,10 +271,11 @@ def test_run_folder_of_a_siglip_run(setup, tmp_path, capsys):
     torch.testing.assert_close(torch.tensor([got["red circle"], got["blue square"]]), want, atol=1e-6, rtol=1e-5)
 
 
-# `fastclip train`'s tiny-rn CLIP on its synthetic shapes, about 65 s of one CPU core: enough to learn the colours
+# `fastclip train`'s tiny-rn CLIP on its synthetic shapes, about 2 min of one CPU core: enough to learn the colours
 # and the shapes. The ViT of `tiny` learns the colours only (shape accuracy 0.24-0.37 against a chance of 0.25 in
-# 200-800-step runs at batch 32-64); 200 steps of 128 left this ResNet's shapes at 0.4-0.75 depending on the seed
-SHAPES_RUN = ["--data", "synthetic", "--model", "tiny-rn", "--batch-size", "128", "--steps", "300", "--lr", "3e-3",
+# 200-800-step runs at batch 32-64); 300 steps of 128 left this ResNet's shapes at 0.65-0.95 depending on the seed,
+# 400 steps at 0.72-1.00
+SHAPES_RUN = ["--data", "synthetic", "--model", "tiny-rn", "--batch-size", "128", "--steps", "500", "--lr", "3e-3",
               "--seed", "0", "--eval-every", "0", "--eval-samples", "24", "--log-every", "100"]
 
 
@@ -304,10 +305,12 @@ def test_search_a_red_circle_with_a_trained_run(tmp_path, capsys):
     """``fastclip train`` on the synthetic shapes, ``fastclip index`` of 10 new images of each of the 24 (colour,
     shape) classes, then ``fastclip search "a <colour> <shape>"`` for each class, top 5.
 
-    "a red circle": all 5 are red and most are circles. Over the 24 queries, 60% of the hits are of the asked class
-    (colour and shape). A model that knows the colour but not the shape gets 25% in expectation (10 of the 40 images
-    of a colour are of the asked shape), a random ranking 1/24. Runs of this
-    configuration with --seed 0, 1, 2 got 82%, 95%, 76% (4, 5, 3 circles for "a red circle", the rest red crosses).
+    "a red circle": all 5 are red, and circles (at least 4, for room). Over the 24 queries, 85% of the hits are of
+    the asked class (colour and shape). A model that knows the colour but not the shape gets 25% in expectation (10
+    of the 40 images of a colour are of the asked shape), a random ranking 1/24. Runs of this configuration (500
+    steps) at --seed 0, 1, 2, 3, 5 and 6 got 5, 5, 5, 5, 5 and 4 red circles of 5, and 100%, 100%, 100%, 97%, 98%
+    and 94% of all hits right. At 400 steps, seeds 3 and 6 got 4 and 2 red circles (89%, 74%), seeds 0, 1, 2, 4, 5
+    five (96-100%).
     """
     import subprocess
     import sys
@@ -331,6 +334,6 @@ def test_search_a_red_circle_with_a_trained_run(tmp_path, capsys):
             assert main(["search", index, f"a {c} {s}", "--top", "5", "--json"]) == 0
             hits[c, s] = [labels[h["path"]] for h in json.loads(capsys.readouterr().out)]
     red_circle = hits["red", "circle"]
-    assert all(c == "red" for c, _ in red_circle) and sum(s == "circle" for _, s in red_circle) >= 3, red_circle
+    assert all(c == "red" for c, _ in red_circle) and sum(s == "circle" for _, s in red_circle) >= 4, red_circle
     right = sum(h == query for query, top in hits.items() for h in top) / (5 * len(hits))
-    assert right >= 0.6, (right, hits)
+    assert right >= 0.85, (right, hits)

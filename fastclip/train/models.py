@@ -5,10 +5,11 @@ their parameters are the token embedding of CLIP's 49,408-token vocabulary). The
 :class:`fastclip.models.CLIP`, the class every named model uses.
 
 - ``tiny``: a 32 x 32 ViT with 4 x 4 patches, about 3.4M parameters.
-- ``tiny-rn``: OpenAI's ModifiedResNet at 32 x 32 (one bottleneck block per stage, width 8, attention pooling),
-  about 3.6M parameters. On the synthetic shapes it learns the shape as well as the colour within a few hundred
+- ``tiny-rn``: OpenAI's ModifiedResNet at 32 x 32 (one bottleneck block per stage, width 16, attention pooling),
+  about 4.6M parameters. On the synthetic shapes it learns the shape as well as the colour within a few hundred
   steps, where ``tiny`` learns the colour only: a convolution sees an edge or a corner the same way wherever the
-  shape lies, which a ViT trained from scratch has to learn position by position.
+  shape lies, which a ViT trained from scratch has to learn position by position. (Width 8 learned the shapes
+  83-89% right in 300 steps of 128, width 16 in 400 steps 72-99.9% over seven seeds, 94-99.9% at five of them.)
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ TINY_MODELS: Dict[str, dict] = {
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 4, "head_width": 32},
              "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},
     "tiny-rn": {"embed_dim": 64,
-                "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32},
+                "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
                 "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}},
 }
 # SigLIP's initialization (Zhai et al. 2023): t' = log 10, b = -10
