@@ -112,6 +112,20 @@ def test_classify(setup, capsys):
     assert "cat" in capsys.readouterr().out
 
 
+def test_classify_labels_file(setup, tmp_path, capsys):
+    # one label per line (blank lines, '#' comment lines and surrounding spaces dropped), the same answer as --labels
+    root, images, ckpt = setup
+    path = images["red_circle"][0]
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("red circle\n\n  green square \ncar\n")
+    args = [*_model(ckpt), "--json", "--template", "{}"]
+    assert main(["classify", path, "--labels-file", str(labels_file), *args]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["classify", path, "--labels", "red circle,green square,car", *args]) == 0
+    assert from_file == json.loads(capsys.readouterr().out)
+    assert sorted(x["label"] for x in from_file[0]["labels"]) == ["car", "green square", "red circle"]
+
+
 def test_calibrate():
     assert calibrate([0.5, 0.6], [0.1, 0.3]) == pytest.approx(0.4)  # separable: midway
     assert calibrate([0.5], []) == 0.5
