@@ -117,7 +117,7 @@ def test_classify_labels_file(setup, tmp_path, capsys):
     root, images, ckpt = setup
     path = images["red_circle"][0]
     labels_file = tmp_path / "labels.txt"
-    labels_file.write_text("red circle\n\n  green square \ncar\n")
+    labels_file.write_text("# shapes\nred circle\n\n  green square \ncar\n")
     args = [*_model(ckpt), "--json", "--template", "{}"]
     assert main(["classify", path, "--labels-file", str(labels_file), *args]) == 0
     from_file = json.loads(capsys.readouterr().out)
